@@ -1,0 +1,5 @@
+import sys
+
+from dmdcopy.cli import main
+
+sys.exit(main())
