@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dmdcopy._checks import check_sample_shape
+from dmdcopy.errors import ShapeError
 
 __all__ = ["MLP", "FourierEmbedding"]
 
@@ -91,7 +92,7 @@ class MLP(nn.Module):
         emb = self.map_emb(self.map_noise(noise_labels))
         if self.map_label is not None:
             if class_labels is None:
-                raise ValueError("MLP: the network is conditional; pass class_labels (B, label_dim)")
+                raise ShapeError("MLP: the network is conditional; pass class_labels (B, label_dim)")
             emb = emb + self.map_label(class_labels.to(emb.dtype))
         h = self.inp(x)
         for block in self.blocks:
