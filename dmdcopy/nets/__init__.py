@@ -1,5 +1,6 @@
 """Networks: raw ``F(x_in, c_noise, class_labels)`` modules to put behind :mod:`dmdcopy.precond`."""
 
 from dmdcopy.nets.mlp import MLP
+from dmdcopy.nets.unet import DhariwalUNet, SongUNet
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "DhariwalUNet", "SongUNet"]
