@@ -12,7 +12,7 @@ from dmdcopy.errors import DmdcopyError
 __all__ = ["main"]
 
 # Subcommand modules, in the order `dmdcopy --help` lists them.
-_SUBCOMMANDS: list[str] = []
+_SUBCOMMANDS: list[str] = ["convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:

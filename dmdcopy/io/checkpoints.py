@@ -1,0 +1,138 @@
+"""``load`` any supported checkpoint, and ``convert`` foreign ones to dmdcopy's format."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmdcopy.errors import CheckpointError
+from dmdcopy.io.architectures import build_module
+from dmdcopy.io.formats import EDM_PICKLE, SAFETENSORS, detect_format
+from dmdcopy.io.safetensors_io import read_safetensors, save
+from dmdcopy.io.state import load_state_checked
+
+__all__ = ["convert", "load"]
+
+
+def _uniform_float_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _rebuild(spec: dict[str, Any], state: dict[str, torch.Tensor], source: str, strict: bool) -> nn.Module:
+    module = build_module(spec)
+    dtype = _uniform_float_dtype(state)
+    if dtype is not None:
+        module.to(dtype)  # keep the stored precision (e.g. a float16 export)
+    load_state_checked(module, state, strict=strict, source=source)
+    return module
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    into: nn.Module | None = None,
+    map_location: str | torch.device = "cpu",
+    strict: bool = True,
+    key: str = "ema",
+) -> nn.Module:
+    """Load a checkpoint, recognising its format from the file's bytes.
+
+    - dmdcopy ``.safetensors`` (written by :func:`dmdcopy.io.save`): the module is rebuilt from
+      the recorded architecture, or the weights go into ``into``;
+    - EDM network pickle (``network-snapshot-*.pkl``): read without executing anything from
+      the file (:func:`dmdcopy.io.load_edm_pickle`), entry ``key`` (``"ema"``);
+    - ``torch.save`` state dict (DMD2's ``pytorch_model.bin``, ``.pt``, ``.pth``): read with
+      ``weights_only=True``; it carries no architecture, so ``into`` is required (or use
+      :func:`dmdcopy.io.load_dmd2_checkpoint` with an architecture).
+
+    Args:
+        into: a module to load the weights into (its device and dtypes are kept).
+        map_location: device of the rebuilt module (ignored with ``into``).
+        strict: raise :class:`~dmdcopy.errors.CheckpointError` listing every missing, unexpected
+            and mis-shaped key; with ``False`` load what fits and warn about the rest.
+        key: entry of an EDM snapshot dict to import.
+
+    Returns:
+        ``into``, or the rebuilt module in eval mode (call ``.train()`` to train it).
+    """
+    fmt = detect_format(path)
+    source = f"{path}"
+    if fmt == SAFETENSORS:
+        state, meta = read_safetensors(path)  # CPU; the module is moved once it is filled
+        if into is not None:
+            load_state_checked(into, state, strict=strict, source=source)
+            return into
+        if "dmdcopy.architecture" not in meta:
+            raise CheckpointError(
+                f"{path}: a safetensors file without dmdcopy's architecture metadata "
+                f"(metadata keys: {sorted(meta)}); pass the module to fill as load(path, into=module)"
+            )
+        try:
+            spec = json.loads(meta["dmdcopy.architecture"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: corrupt dmdcopy.architecture metadata: {e}") from e
+        return _rebuild(spec, state, source, strict).to(map_location).eval()
+    if fmt == EDM_PICKLE:
+        from dmdcopy.io.edm_pickle import load_edm_pickle, read_edm_pickle
+
+        if into is None:
+            return load_edm_pickle(path, key=key, map_location=map_location)
+        # Any architecture: the weights come straight from the pickled module tree.
+        load_state_checked(into, read_edm_pickle(path, key=key).state_dict(), strict=strict, source=source)
+        return into
+    from dmdcopy.io.dmd2 import load_dmd2_checkpoint
+
+    if into is None:
+        raise CheckpointError(
+            f"{path}: a torch.save state dict carries no architecture; pass load(path, into=module) "
+            "or use load_dmd2_checkpoint(path, architecture=...)"
+        )
+    return load_dmd2_checkpoint(path, into=into, map_location=map_location, strict=strict)
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    key: str = "ema",
+    architecture: nn.Module | None = None,
+    prefix: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Convert an EDM pickle or a DMD2 / torch state dict to a dmdcopy ``.safetensors`` file.
+
+    Args:
+        src: the foreign checkpoint.
+        dst: the ``.safetensors`` file to write.
+        key: entry of an EDM snapshot dict.
+        architecture: the module a torch state dict belongs to (required for those), e.g.
+            ``EDMPrecond(DhariwalUNet(**edm_imagenet64_adm()))``; its weights are overwritten.
+        prefix: for a torch state dict, the key prefix of the network to take (``"fake_unet."``).
+        metadata: extra facts to store; the source file name is always recorded.
+
+    Returns:
+        The loaded module, as saved.
+    """
+    fmt = detect_format(src)
+    if fmt == EDM_PICKLE:
+        module = load(src, key=key, into=architecture)
+    elif fmt == SAFETENSORS:
+        module = load(src, into=architecture)
+    else:
+        from dmdcopy.io.dmd2 import load_dmd2_checkpoint
+
+        if architecture is None:
+            raise CheckpointError(
+                f"{src}: a torch.save state dict carries no architecture; pass architecture="
+            )
+        module = load_dmd2_checkpoint(src, architecture=architecture, prefix=prefix)
+    facts = {"converted_from": os.path.basename(os.fspath(src))}
+    if prefix is not None:
+        facts["prefix"] = prefix
+    save(module, dst, metadata={**facts, **(metadata or {})})
+    return module

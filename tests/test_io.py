@@ -1,0 +1,344 @@
+"""dmdcopy.io: safetensors round trips, format detection, load reports, DMD2 state dicts, convert."""
+
+import json
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+from dmdcopy.errors import CheckpointError, ConfigError
+from dmdcopy.io import (
+    convert,
+    detect_format,
+    load,
+    load_dmd2_checkpoint,
+    load_state_checked,
+    module_spec,
+    read_metadata,
+    save,
+)
+from dmdcopy.nets import MLP
+from dmdcopy.nets.unet import DhariwalUNet, SongUNet
+from dmdcopy.precond import EDMPrecond, VEPrecond, VPPrecond
+from dmdcopy.students import MultiStepStudent, OneStepStudent
+
+
+def small_song(label_dim=0):
+    return SongUNet(
+        img_resolution=8,
+        in_channels=3,
+        out_channels=3,
+        label_dim=label_dim,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        dropout=0.0,
+    )
+
+
+def small_dhariwal(label_dim=0):
+    return DhariwalUNet(
+        img_resolution=8,
+        in_channels=3,
+        out_channels=3,
+        label_dim=label_dim,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        dropout=0.0,
+    )
+
+
+def randomise(module):
+    """Non-default weights everywhere (zero-initialised output layers would hide a failed load)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return module.eval()
+
+
+def outputs(D, label_dim, shape=(3, 8, 8)):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, *shape, generator=g)
+    sigma = torch.tensor([0.01, 0.5, 2.0, 40.0])
+    labels = torch.eye(label_dim)[torch.arange(4) % label_dim] if label_dim else None
+    with torch.no_grad():
+        return D(x, sigma, labels)
+
+
+@pytest.mark.parametrize(
+    "make, label_dim, shape",
+    [
+        (lambda L: EDMPrecond(MLP(2, hidden=16, depth=1, label_dim=L)), 0, (2,)),
+        (lambda L: VPPrecond(MLP(2, hidden=16, depth=1, label_dim=L)), 3, (2,)),
+        (lambda L: VEPrecond(MLP(2, hidden=16, depth=1, label_dim=L)), 0, (2,)),
+        (lambda L: EDMPrecond(small_song(L)), 0, (3, 8, 8)),
+        (lambda L: EDMPrecond(small_song(L)), 5, (3, 8, 8)),
+        (lambda L: EDMPrecond(small_dhariwal(L)), 0, (3, 8, 8)),
+        (lambda L: EDMPrecond(small_dhariwal(L)), 5, (3, 8, 8)),
+    ],
+)
+def test_round_trip_rebuilds_identical_denoiser(tmp_path, make, label_dim, shape):
+    net = randomise(make(label_dim))
+    path = tmp_path / "net.safetensors"
+    save(net, path)
+    loaded = load(path)
+    assert type(loaded) is type(net) and type(loaded.model) is type(net.model)
+    assert module_spec(loaded) == module_spec(net)
+    assert not loaded.training
+    torch.testing.assert_close(
+        outputs(loaded, label_dim, shape), outputs(net, label_dim, shape), rtol=0, atol=0
+    )
+
+
+def test_round_trip_students(tmp_path):
+    for G in (
+        OneStepStudent(EDMPrecond(MLP(2, hidden=16, depth=1)), sigma_max=40.0),
+        MultiStepStudent(EDMPrecond(MLP(2, hidden=16, depth=1)), sigmas=(80.0, 2.0)),
+    ):
+        randomise(G)
+        save(G, tmp_path / "g.safetensors")
+        H = load(tmp_path / "g.safetensors")
+        assert type(H) is type(G) and H.sigma_max == G.sigma_max
+        z = torch.randn(6, 2)
+        torch.testing.assert_close(H(z), G(z), rtol=0, atol=0)
+
+
+def test_non_finite_and_dtype_options_survive(tmp_path):
+    net = EDMPrecond(MLP(2, hidden=8, depth=1), sigma_max=float("inf"), net_dtype=torch.bfloat16)
+    save(net, tmp_path / "n.safetensors")
+    loaded = load(tmp_path / "n.safetensors")
+    assert loaded.sigma_max == float("inf") and loaded.net_dtype is torch.bfloat16
+
+
+def test_float16_weights_keep_their_dtype(tmp_path):
+    net = EDMPrecond(MLP(2, hidden=8, depth=1)).half()
+    save(net, tmp_path / "h.safetensors")
+    loaded = load(tmp_path / "h.safetensors")
+    assert all(p.dtype is torch.float16 for p in loaded.parameters())
+    for a, b in zip(loaded.state_dict().values(), net.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4, bias=False)
+        self.b = nn.Linear(4, 4, bias=False)
+        self.b.weight = self.a.weight  # tied
+        self.register_buffer("view", torch.arange(10.0)[2:6])  # a view into a larger storage
+
+
+def test_tied_and_view_tensors_are_saved_once_and_restored(tmp_path):
+    m = Tied()
+    save(m, tmp_path / "t.safetensors")
+    raw = (tmp_path / "t.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    assert "b.weight" not in header and "a.weight" in header  # stored once
+    assert json.loads(header["__metadata__"]["dmdcopy.aliases"]) == {"b.weight": "a.weight"}
+    fresh = Tied()
+    load(tmp_path / "t.safetensors", into=fresh)
+    assert torch.equal(fresh.a.weight, m.a.weight) and fresh.a.weight is fresh.b.weight
+    assert torch.equal(fresh.view, torch.arange(2.0, 6.0))
+
+
+def test_user_network_saves_and_needs_into(tmp_path):
+    class MyNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x, c_noise, class_labels=None):
+            return self.fc(x) * c_noise[:, None]
+
+    D = EDMPrecond(MyNet(), sample_shape=(2,))
+    save(D, tmp_path / "u.safetensors")
+    with pytest.raises(CheckpointError, match=r"user-defined classes .*MyNet.*into="):
+        load(tmp_path / "u.safetensors")
+    D2 = load(tmp_path / "u.safetensors", into=EDMPrecond(MyNet(), sample_shape=(2,)))
+    assert torch.equal(D2.model.fc.weight, D.model.fc.weight)
+
+
+def test_metadata_round_trip_and_validation(tmp_path):
+    net = EDMPrecond(MLP(2, hidden=8, depth=1))
+    save(net, tmp_path / "m.safetensors", metadata={"step": 7, "data": "digits"})
+    assert read_metadata(tmp_path / "m.safetensors") == {"step": 7, "data": "digits"}
+    with pytest.raises(ConfigError, match="JSON"):
+        save(net, tmp_path / "bad.safetensors", metadata={"x": object()})
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_save_is_atomic_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "a.safetensors"
+    save(EDMPrecond(MLP(2, hidden=8, depth=1)), path)
+    before = path.read_bytes()
+
+    class Unsavable(nn.Module):
+        def state_dict(self, *a, **k):
+            return {"x": "not a tensor"}
+
+    with pytest.raises(Exception):  # noqa: B017 (whatever safetensors raises)
+        save(Unsavable(), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def test_mismatch_report_lists_every_offending_key(tmp_path):
+    save(EDMPrecond(MLP(2, hidden=16, depth=2)), tmp_path / "a.safetensors")
+    other = EDMPrecond(MLP(2, hidden=8, depth=3, label_dim=4))
+    with pytest.raises(CheckpointError) as err:
+        load(tmp_path / "a.safetensors", into=other)
+    message = str(err.value)
+    own = other.state_dict()
+    saved = EDMPrecond(MLP(2, hidden=16, depth=2)).state_dict()
+    for key in own:
+        if key not in saved or saved[key].shape != own[key].shape:
+            assert key in message
+    assert "model.blocks.2.fc1.weight" in message and "model.map_label.weight" in message
+    assert "[16, 16] vs [8, 8]" in message
+    # strict: nothing was loaded
+    assert torch.equal(other.state_dict()["model.out.bias"], own["model.out.bias"])
+
+
+def test_non_strict_load_fills_what_fits_and_warns(tmp_path):
+    src = randomise(EDMPrecond(MLP(2, hidden=8, depth=2)))
+    save(src, tmp_path / "a.safetensors")
+    dst = EDMPrecond(MLP(2, hidden=8, depth=3))
+    with pytest.warns(UserWarning, match=r"missing key.*\n(.*\n)*.*model\.blocks\.2\.fc1\.weight"):
+        load(tmp_path / "a.safetensors", into=dst, strict=False)
+    assert torch.equal(dst.model.blocks[1].fc1.weight, src.model.blocks[1].fc1.weight)
+
+
+def test_load_state_checked_report():
+    m = nn.Linear(3, 2)
+    report = load_state_checked(m, {"weight": torch.zeros(2, 3), "bias": torch.ones(2)})
+    assert report.ok and torch.equal(m.bias, torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- failure paths
+
+
+def test_missing_empty_and_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load(tmp_path / "nope.safetensors")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty file"):
+        load(tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        (b"\x89PNG\r\n\x1a\n" + bytes(100), "a PNG image"),
+        (json.dumps({"weights": [1, 2, 3]}).encode(), "a JSON document"),
+        (b"hello, world\n", "a text file"),
+        (b"\x1f\x8b\x08\x00" + bytes(40), "a gzip archive"),
+        (b"\x00\x01\x02\x03\xfe\xff" * 4, "unrecognised binary file"),
+    ],
+)
+def test_other_formats_say_what_they_are_and_what_was_expected(tmp_path, content, what):
+    path = tmp_path / "teacher.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=what) as err:
+        load(path)
+    assert "expected a dmdcopy .safetensors file, an EDM network pickle" in str(err.value)
+
+
+def test_truncated_safetensors(tmp_path):
+    save(EDMPrecond(MLP(2, hidden=16, depth=1)), tmp_path / "a.safetensors")
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    for cut in (len(raw) - 1, len(raw) // 2, 20):
+        (tmp_path / "cut.safetensors").write_bytes(raw[:cut])
+        with pytest.raises(CheckpointError, match="truncated safetensors file"):
+            load(tmp_path / "cut.safetensors")
+
+
+def test_safetensors_without_dmdcopy_metadata_needs_into(tmp_path):
+    from safetensors.torch import save_file
+
+    m = nn.Linear(3, 2)
+    save_file(m.state_dict(), str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match=r"without dmdcopy's architecture metadata.*into=module"):
+        load(tmp_path / "plain.safetensors")
+    m2 = load(tmp_path / "plain.safetensors", into=nn.Linear(3, 2))
+    assert torch.equal(m2.weight, m.weight)
+
+
+# ----------------------------------------------------------------------------- torch state dicts
+
+
+def test_dmd2_state_dict_into_given_architecture(tmp_path):
+    teacher = randomise(EDMPrecond(small_dhariwal(5)))
+    torch.save(teacher.state_dict(), tmp_path / "pytorch_model.bin")
+    assert detect_format(tmp_path / "pytorch_model.bin") == "torch-zip"
+    with pytest.raises(CheckpointError, match="carries no architecture"):
+        load(tmp_path / "pytorch_model.bin")
+    got = load(tmp_path / "pytorch_model.bin", into=EDMPrecond(small_dhariwal(5))).eval()
+    torch.testing.assert_close(outputs(got, 5), outputs(teacher, 5), rtol=0, atol=0)
+
+
+def test_dmd2_critic_file_prefixes(tmp_path):
+    real, fake = randomise(EDMPrecond(small_song())), randomise(EDMPrecond(small_song()))
+    with torch.no_grad():
+        for p in fake.parameters():
+            p.add_(1.0)
+    state = {f"real_unet.{k}": v for k, v in real.state_dict().items()}
+    state |= {f"fake_unet.{k}": v for k, v in fake.state_dict().items()}
+    state["cls_pred_branch.0.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "pytorch_model_1.bin")
+    with pytest.raises(
+        CheckpointError, match=r"\['cls_pred_branch\.', 'fake_unet\.', 'real_unet\.'\].*prefix='fake_unet\.'"
+    ):
+        load_dmd2_checkpoint(tmp_path / "pytorch_model_1.bin")
+    got = load_dmd2_checkpoint(
+        tmp_path / "pytorch_model_1.bin", EDMPrecond(small_song()), prefix="fake_unet."
+    )
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), fake.state_dict().values()))
+    with pytest.raises(CheckpointError, match=r"no key starts with 'critic\.'"):
+        load_dmd2_checkpoint(tmp_path / "pytorch_model_1.bin", EDMPrecond(small_song()), prefix="critic.")
+
+
+def test_wrapper_prefix_and_legacy_torch_format(tmp_path):
+    net = randomise(EDMPrecond(MLP(2, hidden=8, depth=1)))
+    state = {f"module.{k}": v for k, v in net.state_dict().items()}
+    torch.save(state, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert detect_format(tmp_path / "old.pt") == "torch-legacy"
+    got = load_dmd2_checkpoint(tmp_path / "old.pt", EDMPrecond(MLP(2, hidden=8, depth=1)))
+    assert torch.equal(got.model.out.weight, net.model.out.weight)
+
+
+def test_torch_file_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"w": torch.zeros(1), "x": Evil()}, tmp_path / "evil.bin")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load(tmp_path / "evil.bin", into=nn.Linear(1, 1))
+
+
+def test_truncated_torch_file(tmp_path):
+    torch.save(nn.Linear(30, 30).state_dict(), tmp_path / "a.bin")
+    raw = (tmp_path / "a.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="truncated or damaged zip"):
+        load(tmp_path / "cut.bin", into=nn.Linear(30, 30))
+
+
+def test_convert_torch_state_dict(tmp_path):
+    net = randomise(EDMPrecond(small_song(3)))
+    torch.save(net.state_dict(), tmp_path / "pytorch_model.bin")
+    convert(
+        tmp_path / "pytorch_model.bin", tmp_path / "out.safetensors", architecture=EDMPrecond(small_song(3))
+    )
+    assert read_metadata(tmp_path / "out.safetensors") == {"converted_from": "pytorch_model.bin"}
+    torch.testing.assert_close(
+        outputs(load(tmp_path / "out.safetensors"), 3), outputs(net, 3), rtol=0, atol=0
+    )
