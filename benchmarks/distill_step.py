@@ -1,0 +1,167 @@
+"""Distiller overhead: steps/s of ``Distiller`` vs a plain DMD loop with the same networks and math.
+
+One step = ``fake_score_steps`` fake-score updates + 1 generator update, AdamW with grad-norm
+clipping on both, EMA of the student. The reference loop below is what one would write by hand:
+``torch.randn`` from one generator, no per-sample seeding, no finiteness checks, no records. The
+ratio ``steps/s(Distiller) / steps/s(reference)`` is the price of the Distiller's guarantees
+(per-sample counter-based randomness, skip-on-NaN, typed metrics). Target: >= 0.95 on CPU.
+
+    OMP_NUM_THREADS=1 python benchmarks/distill_step.py --append docs/performance.md
+    OMP_NUM_THREADS=1 python benchmarks/distill_step.py --net unet   # a small SongUNet, 16x16
+
+On CUDA (``--device cuda``) the Distiller runs under bf16 autocast; the reference loop does too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from dmdcopy.distill import DistillConfig, Distiller
+from dmdcopy.losses import dmd_direction, dmd_surrogate_loss, dsm_loss
+from dmdcopy.nets import MLP
+from dmdcopy.precond import EDMPrecond
+from dmdcopy.schedules import dmd_sigma_grid
+from dmdcopy.students import OneStepStudent
+
+
+def make_nets(kind: str, device: torch.device):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        teacher = EDMPrecond(MLP(2, hidden=256, depth=3))
+    else:
+        from dmdcopy.nets.unet import SongUNet
+
+        teacher = EDMPrecond(SongUNet(16, 3, 3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                                      attn_resolutions=(), dropout=0.0), sample_shape=(3, 16, 16))
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    student = OneStepStudent(copy.deepcopy(teacher).requires_grad_(True).train())
+    fake = copy.deepcopy(teacher).requires_grad_(True).train()
+    return teacher, student, fake
+
+
+class ReferenceLoop:
+    """A hand-written DMD2 loop: the same update rule as the Distiller, nothing else."""
+
+    def __init__(self, teacher, student, fake, cfg: DistillConfig, device: torch.device):
+        self.T, self.G, self.F, self.cfg, self.device = teacher, student, fake, cfg, device
+        kw = dict(betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.generator_lr, **kw)
+        self.opt_f = torch.optim.AdamW(fake.parameters(), lr=cfg.fake_score_lr, **kw)
+        self.ema = copy.deepcopy(student).eval().requires_grad_(False)
+        self.beta = 0.5 ** (1 / cfg.ema_halflife_steps)
+        self.grid = dmd_sigma_grid(cfg.num_sigmas, cfg.sigma_min, cfg.sigma_max, cfg.rho,
+                                   device=device, dtype=torch.float64)
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.shape = (cfg.batch_size, *teacher.sample_shape)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def _sigma(self, lo: int, hi: int) -> torch.Tensor:
+        k = torch.randint(lo, hi + 1, (self.shape[0],), generator=self.gen, device=self.device)
+        return self.grid[k].float()
+
+    def _view(self, s):
+        return s.view(-1, *([1] * (len(self.shape) - 1)))
+
+    def step(self) -> None:
+        cfg = self.cfg
+        for _ in range(cfg.fake_score_steps):
+            z = torch.randn(self.shape, generator=self.gen, device=self.device)
+            with torch.no_grad(), self._autocast():
+                x = self.G(z).float()
+            sigma = self._sigma(*cfg.fake_score_k_range)
+            x_t = x + self._view(sigma) * torch.randn(self.shape, generator=self.gen, device=self.device)
+            self.opt_f.zero_grad(set_to_none=True)
+            with self._autocast():
+                loss = dsm_loss(self.F(x_t, sigma), x, sigma, sigma_data=cfg.sigma_data).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.F.parameters(), cfg.grad_clip)
+            self.opt_f.step()
+        z = torch.randn(self.shape, generator=self.gen, device=self.device)
+        self.opt_g.zero_grad(set_to_none=True)
+        with self._autocast():
+            x = self.G(z).float()
+        sigma = self._sigma(*cfg.generator_k_range)
+        x_t = x.detach() + self._view(sigma) * torch.randn(self.shape, generator=self.gen, device=self.device)
+        with torch.no_grad(), self._autocast():
+            g = dmd_direction(x, self.T(x_t, sigma), self.F(x_t, sigma))
+        dmd_surrogate_loss(x, g).mean().backward()
+        torch.nn.utils.clip_grad_norm_(self.G.parameters(), cfg.grad_clip)
+        self.opt_g.step()
+        with torch.no_grad():
+            for pe, p in zip(self.ema.parameters(), self.G.parameters()):
+                pe.lerp_(p, 1 - self.beta)
+
+
+def _rate(step, n: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--net", choices=("mlp", "unet"), default="mlp")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds (median reported)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--append", metavar="MD", help="append the result as a section of this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    cfg = DistillConfig(batch_size=args.batch, num_steps=10**9, progress_bar=False, log_every=10**8,
+                        ema_halflife_steps=100.0)
+    teacher, student, fake = make_nets(args.net, device)
+    ref = ReferenceLoop(teacher, copy.deepcopy(student), copy.deepcopy(fake), cfg, device)
+    dist = Distiller(teacher, student, fake_score=fake, config=cfg, device=device)
+
+    def distiller_step():
+        for s in range(cfg.fake_score_steps):
+            dist.fake_score_step(s)
+        dist.generator_step()
+        dist.step += 1
+
+    for fn in (ref.step, distiller_step):  # warm-up
+        _rate(fn, 2, device)
+    ref_rates, dist_rates = [], []
+    for _ in range(args.rounds):  # alternate so drifting machine load hits both alike
+        ref_rates.append(_rate(ref.step, args.steps, device))
+        dist_rates.append(_rate(distiller_step, args.steps, device))
+    r_ref, r_dist = statistics.median(ref_rates), statistics.median(dist_rates)
+    ratios = sorted(d / r for d, r in zip(dist_rates, ref_rates))
+    lines = [
+        f"- net: {args.net}, batch {args.batch}, {cfg.fake_score_steps} fake-score updates per step, "
+        f"device {device}, threads {args.threads}, torch {torch.__version__}, {platform.machine()}",
+        f"- reference loop: {r_ref:.2f} steps/s; Distiller: {r_dist:.2f} steps/s",
+        f"- ratio Distiller / reference: median {statistics.median(ratios):.3f} "
+        f"(per-round range {ratios[0]:.3f} - {ratios[-1]:.3f}, {args.rounds} rounds of {args.steps} steps)",
+    ]
+    print("\n".join(lines))
+    if args.append:
+        with open(args.append, "a") as f:
+            threads = os.environ.get("OMP_NUM_THREADS", "?")
+            f.write(f"\n## Distiller step overhead ({args.net})\n\n"
+                    f"`OMP_NUM_THREADS={threads} python benchmarks/distill_step.py --net {args.net} "
+                    f"--batch {args.batch}`\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

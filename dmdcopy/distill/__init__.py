@@ -1,0 +1,25 @@
+"""DMD / DMD2 distillation: configuration, the training loop, EMA, checkpoints, torch.distributed.
+
+>>> from dmdcopy.distill import DistillConfig
+>>> DistillConfig(batch_size=16).generator_lr
+2e-06
+"""
+
+from dmdcopy.distill.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
+from dmdcopy.distill.config import DistillConfig
+from dmdcopy.distill.dist import init_from_env
+from dmdcopy.distill.distiller import Callback, Distiller, FakeScoreRecord, GeneratorRecord
+from dmdcopy.distill.ema import EMA
+
+__all__ = [
+    "EMA",
+    "Callback",
+    "DistillConfig",
+    "Distiller",
+    "FakeScoreRecord",
+    "GeneratorRecord",
+    "init_from_env",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "read_checkpoint",
+]

@@ -1,0 +1,174 @@
+"""``DistillConfig``: every constant of a DMD / DMD2 run, with DMD2's ImageNet-64 defaults.
+
+The defaults follow DMD2's one-step ImageNet 64x64 recipe (AdamW at 2e-6 for generator and fake
+score, 5 fake-score updates per generator update, grad clip 10, Karras grid of 1000 sigmas); the
+GAN term is off by default and takes DMD2's weights (1e-2 / 3e-3) when switched on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from dmdcopy.errors import ConfigError
+
+__all__ = ["REGRESSION_LOSSES", "DistillConfig"]
+
+# The regression losses a config may name; the distiller maps the name to a function.
+REGRESSION_LOSSES = ("l2", "pseudo_huber")
+
+# Fields that may change between a run and its resumption (they do not change what is computed).
+RESUMABLE_CHANGES = frozenset({
+    "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "progress_bar", "tensorboard",
+    "max_nonfinite_in_a_row", "compile",
+})
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """Configuration of a distillation run. All fields are keyword-only; ``validate()`` runs on
+    construction and names the offending field.
+
+    >>> DistillConfig(batch_size=8).fake_score_steps
+    5
+    >>> DistillConfig(generator_lr=-1.0)
+    Traceback (most recent call last):
+    ...
+    dmdcopy.errors.ConfigError: generator_lr must be > 0, got -1.0
+    """
+
+    # --- run length and batch -------------------------------------------------------------
+    num_steps: int = 400_000          # generator updates (DMD2 ImageNet: 400k iterations)
+    batch_size: int = 280             # GLOBAL batch; split evenly over processes (DMD2: 40 x 7 GPUs)
+    seed: int = 0                     # every draw derives from (seed, step, sub-step, sample index)
+
+    # --- optimisers (AdamW for both networks) -----------------------------------------------
+    generator_lr: float = 2e-6
+    fake_score_lr: float = 2e-6       # also trains the GAN classifier head when gan=True
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float | None = 10.0    # max global grad norm per update; None or inf = no clipping
+    fake_score_steps: int = 5         # two time-scale rule: fake-score updates per generator update
+
+    # --- noise levels: Karras grid, as DMD2 -------------------------------------------------
+    num_sigmas: int = 1000            # grid size; index 0 = sigma_min, index num_sigmas-1 = sigma_max
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    sigma_data: float = 0.5           # fake-score weighting sigma^-2 + sigma_data^-2
+    generator_k_range: tuple[int, int] = (20, 980)    # DMD loss: k ~ U{20..980} (2 % - 98 %)
+    fake_score_k_range: tuple[int, int] = (0, 999)    # fake-score denoising loss: k ~ U{0..999}
+
+    # --- distribution matching loss ---------------------------------------------------------
+    dmd_weight: float = 1.0
+    min_normaliser: float = 1e-6      # clamp of the per-sample normaliser mean|x - D_real(x_t)|
+
+    # --- GAN (DMD2): classifier head on fake-score features ----------------------------------
+    gan: bool = False
+    gan_feature_module: str | None = None   # submodule of the fake score whose output the head reads
+    gan_discriminator_weight: float = 1e-2  # DMD2 cls_loss_weight (fake-score side)
+    gan_generator_weight: float = 3e-3      # DMD2 gen_cls_loss_weight
+    gan_k_range: tuple[int, int] = (0, 999)  # noise levels of the diffusion GAN's inputs
+
+    # --- regression to stored teacher pairs (DMD v1's auxiliary loss) ------------------------
+    regression_weight: float = 0.0    # 0 = off
+    regression_loss: str = "l2"       # "l2" or "pseudo_huber"
+    regression_batch_size: int | None = None  # global; None = batch_size
+
+    # --- EMA of the student -----------------------------------------------------------------
+    ema_halflife_steps: float | None = 6931.0  # in generator updates (6931 ~ decay 0.9999); None or 0 = off
+
+    # --- precision and compilation ----------------------------------------------------------
+    mixed_precision: bool = True      # bf16 autocast on CUDA; no effect on CPU (always float32)
+    compile: bool = False             # torch.compile the student and fake-score calls
+
+    # --- faults -----------------------------------------------------------------------------
+    max_nonfinite_in_a_row: int = 10  # stop with NonFiniteError after this many skipped updates
+
+    # --- output -----------------------------------------------------------------------------
+    log_every: int = 100              # JSONL (and TensorBoard) record interval, in steps
+    checkpoint_every: int = 5000      # checkpoint interval in steps (a final one is always written)
+    keep_checkpoints: int = 3         # keep the newest K checkpoint files
+    progress_bar: bool = True         # tqdm on rank 0
+    tensorboard: bool = False         # also write TensorBoard scalars (needs `tensorboard`)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        for name in ("generator_k_range", "fake_score_k_range", "gan_k_range"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        def positive_int(name: str) -> None:
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "an int >= 1")
+
+        def finite(name: str, lo: float = -math.inf, strict: bool = True) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = ok and (v > lo if strict else v >= lo)
+            need(ok, name, f"{'>' if strict else '>='} {lo:g}" if lo > -math.inf else "finite")
+
+        for name in ("num_steps", "batch_size", "fake_score_steps", "num_sigmas", "log_every",
+                     "checkpoint_every", "keep_checkpoints", "max_nonfinite_in_a_row"):
+            positive_int(name)
+        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "an int >= 0")
+        for name in ("generator_lr", "fake_score_lr", "sigma_min", "sigma_data", "rho"):
+            finite(name, 0.0)
+        finite("weight_decay", 0.0, strict=False)
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+             "two numbers in [0, 1)")
+        if self.grad_clip is not None:
+            need(isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0, "grad_clip",
+                 "> 0 (or None / inf for no clipping)")
+        finite("sigma_max", 0.0)
+        if not self.sigma_min < self.sigma_max:
+            raise ConfigError(f"sigma_min must be < sigma_max, got sigma_min={self.sigma_min}, "
+                              f"sigma_max={self.sigma_max}")
+        for name in ("generator_k_range", "fake_score_k_range", "gan_k_range"):
+            lo_hi = getattr(self, name)
+            need(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1] < self.num_sigmas, name,
+                 f"(low, high) with 0 <= low <= high < num_sigmas={self.num_sigmas}")
+        finite("dmd_weight", 0.0, strict=False)
+        finite("min_normaliser", 0.0)
+        finite("gan_discriminator_weight", 0.0, strict=False)
+        finite("gan_generator_weight", 0.0, strict=False)
+        if self.gan:
+            need(isinstance(self.gan_feature_module, str) and bool(self.gan_feature_module),
+                 "gan_feature_module", "the name of a fake-score submodule when gan=True")
+        finite("regression_weight", 0.0, strict=False)
+        need(self.regression_loss in REGRESSION_LOSSES, "regression_loss", f"one of {REGRESSION_LOSSES}")
+        if self.regression_batch_size is not None:
+            positive_int("regression_batch_size")
+        if self.ema_halflife_steps is not None:
+            finite("ema_halflife_steps", 0.0, strict=False)
+
+    def replace(self, **changes: Any) -> DistillConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of the fields (tuples become lists)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "config") -> DistillConfig:
+        """Build from a mapping (e.g. a TOML table); an unknown key is a :class:`ConfigError`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(data))

@@ -1,0 +1,83 @@
+"""torch.distributed glue: who am I, reduce metrics, wrap modules in DDP.
+
+The distiller never starts a process group itself; ``torchrun`` (or a test spawning processes)
+does, and :func:`init_from_env` is the one-liner for scripts: it initialises the default group from
+torchrun's environment variables when ``WORLD_SIZE > 1``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DistInfo", "all_reduce_mean", "all_true", "dist_info", "init_from_env", "wrap_ddp"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size of the default process group (``DistInfo()`` when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+    return DistInfo()
+
+
+def init_from_env(backend: str | None = None) -> DistInfo:
+    """Initialise the default process group from torchrun's variables if ``WORLD_SIZE > 1``.
+
+    ``backend`` defaults to NCCL when CUDA is available, gloo otherwise.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist_info()
+
+
+def all_reduce_mean(values: Sequence[float], device: torch.device) -> list[float]:
+    """Mean of each value over processes (identity without a process group)."""
+    info = dist_info()
+    if not info.distributed or not values:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / info.world_size).tolist()
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """True on every process iff ``flag`` is true on every process."""
+    info = dist_info()
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(module)`` under a process group, else ``module`` itself."""
+    if not dist_info().distributed:
+        return module
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)

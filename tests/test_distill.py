@@ -1,0 +1,341 @@
+"""The Distiller: config validation, two time-scale rule, GMM distillation, resume, faults, logs."""
+
+import importlib.util
+import json
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from dmdcopy.distill import DistillConfig, Distiller, latest_checkpoint, list_checkpoints
+from dmdcopy.errors import CheckpointError, ConfigError, NonFiniteError, ShapeError
+from dmdcopy.nets import MLP
+from dmdcopy.precond import EDMPrecond
+from dmdcopy.students import MultiStepStudent, OneStepStudent
+from dmdcopy.teachers import GaussianMixtureTeacher
+
+MEANS = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [-1.0, 1.0], [1.0, -1.0]])
+
+
+def gmm(conditional=False):
+    return GaussianMixtureTeacher(MEANS, torch.full((4,), 0.15), conditional=conditional)
+
+
+def net(label_dim=0, hidden=32):
+    return EDMPrecond(MLP(2, hidden=hidden, depth=2, label_dim=label_dim))
+
+
+def small_config(**kw):
+    base = dict(batch_size=16, num_steps=4, generator_lr=1e-3, fake_score_lr=1e-3, log_every=2,
+                progress_bar=False, ema_halflife_steps=None, checkpoint_every=1000)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+class ScratchStudent(nn.Module):
+    """A generator built from scratch: no denoiser inside."""
+
+    def __init__(self, dim=2, out=2):
+        super().__init__()
+        self.sample_shape = (dim,)
+        self.net = nn.Sequential(nn.Linear(dim, 64), nn.SiLU(), nn.Linear(64, out))
+
+    def forward(self, z, class_labels=None):
+        return self.net(z)
+
+
+def sliced_wasserstein(a, b, n_proj=128):
+    theta = torch.randn(a.shape[1], n_proj, generator=torch.Generator().manual_seed(5))
+    theta = theta / theta.norm(dim=0)
+    pa, pb = (a @ theta).sort(0).values, (b @ theta).sort(0).values
+    return ((pa - pb) ** 2).mean().sqrt().item()
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_dmd2_imagenet():
+    c = DistillConfig()
+    assert (c.generator_lr, c.fake_score_lr, c.betas, c.weight_decay) == (2e-6, 2e-6, (0.9, 0.999), 0.01)
+    assert (c.fake_score_steps, c.grad_clip, c.num_sigmas, c.sigma_min, c.sigma_max) == (5, 10.0, 1000,
+                                                                                          0.002, 80.0)
+    assert (c.gan_discriminator_weight, c.gan_generator_weight, c.regression_weight) == (1e-2, 3e-3, 0.0)
+    assert c.generator_k_range == (20, 980) and c.fake_score_k_range == (0, 999)
+    with pytest.raises(AttributeError):
+        c.generator_lr = 1.0  # frozen
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(generator_lr=-1e-3), "generator_lr"),
+    (dict(fake_score_lr=0.0), "fake_score_lr"),
+    (dict(sigma_min=80.0, sigma_max=80.0), "sigma_min"),
+    (dict(fake_score_steps=0), "fake_score_steps"),
+    (dict(batch_size=2.5), "batch_size"),
+    (dict(generator_k_range=(20, 1000)), "generator_k_range"),
+    (dict(betas=(0.9, 1.0)), "betas"),
+    (dict(gan=True), "gan_feature_module"),
+    (dict(regression_loss="l1"), "regression_loss"),
+    (dict(weight_decay=float("nan")), "weight_decay"),
+])
+def test_invalid_config_names_the_field(changes, field):
+    with pytest.raises(ConfigError, match=field):
+        DistillConfig(**changes)
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    c = DistillConfig.from_dict({"batch_size": 8, "betas": [0.5, 0.9]})
+    assert c.betas == (0.5, 0.9)
+    with pytest.raises(ConfigError, match="generator_lrr"):
+        DistillConfig.from_dict({"generator_lrr": 1e-3})
+    assert DistillConfig.from_dict(c.to_dict()) == c
+
+
+def test_bad_setups_fail_before_the_first_step():
+    cfg = small_config()
+    with pytest.raises(ConfigError, match="fake_score"):
+        Distiller(gmm(), OneStepStudent(net()), config=cfg)  # exact teacher has nothing to copy
+    wrong = OneStepStudent(EDMPrecond(MLP(3, hidden=8, depth=1)))
+    with pytest.raises(ConfigError, match="sample_shape"):
+        Distiller(gmm(), wrong, fake_score=net(), config=cfg)
+    with pytest.raises(ShapeError, match="student output"):
+        Distiller(gmm(), ScratchStudent(out=3), fake_score=net(), config=cfg)
+    with pytest.raises(ConfigError, match="real_data"):
+        Distiller(gmm(), OneStepStudent(net()), fake_score=net(),
+                  config=small_config(gan=True, gan_feature_module="model.blocks.1"))
+    with pytest.raises(ConfigError, match="regression_pairs"):
+        Distiller(gmm(), OneStepStudent(net()), fake_score=net(), config=small_config(regression_weight=1.0))
+    with pytest.raises(ConfigError, match="label_dim"):
+        Distiller(gmm(conditional=True), OneStepStudent(net()), fake_score=net(4), config=cfg)
+
+
+def test_fake_score_defaults_to_a_copy_of_the_teacher():
+    teacher = net()
+    d = Distiller(teacher, OneStepStudent(net()), config=small_config())
+    assert d.fake_score is not teacher
+    for a, b in zip(d.fake_score.parameters(), teacher.parameters()):
+        assert torch.equal(a, b) and a.requires_grad and not b.requires_grad
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def test_two_time_scale_rule_counts_optimizer_steps():
+    cfg = small_config(num_steps=3, progress_bar=True)  # the tqdm path too (on stderr)
+    d = Distiller(gmm(), OneStepStudent(net()), fake_score=net(), config=cfg)
+    counts = {"gen": 0, "fake": 0}
+    d.generator_optimizer.register_step_post_hook(lambda *a: counts.__setitem__("gen", counts["gen"] + 1))
+    d.fake_score_optimizer.register_step_post_hook(lambda *a: counts.__setitem__("fake", counts["fake"] + 1))
+    d.train()
+    assert counts == {"gen": 3, "fake": 15}
+    assert (d.generator_updates, d.fake_score_updates, d.step) == (3, 15, 3)
+
+
+def test_gmm_distillation_lowers_sliced_wasserstein():
+    # Modes of std 0.3 overlap a little: with narrow, far-apart modes DMD finds every mode quickly
+    # but rebalances their weights slowly, and a short run's distance depends on the seed.
+    teacher = GaussianMixtureTeacher(MEANS, torch.full((4,), 0.3))
+    student = OneStepStudent(net(hidden=64))
+    g = torch.Generator().manual_seed(1)
+    ref, z = teacher.sample(2000, generator=g), torch.randn(2000, 2, generator=g)
+    with torch.no_grad():
+        before = sliced_wasserstein(student(z), ref)
+    cfg = small_config(batch_size=128, num_steps=100, generator_lr=2e-3, fake_score_lr=2e-3, log_every=100)
+    Distiller(teacher, student, fake_score=net(hidden=64), config=cfg).train()
+    with torch.no_grad():
+        after = sliced_wasserstein(student(z), ref)
+    # Over seeds 1-8 the ratio was 0.14-0.22; 0.4 leaves room for platform round-off.
+    assert after < 0.4 * before, (before, after)
+
+
+def test_scratch_multistep_and_conditional_students_train():
+    for teacher, student, fake, kw in [
+        (gmm(), ScratchStudent(), net(), {}),
+        (gmm(), MultiStepStudent(net(), (80.0, 1.0)), net(), {}),
+        (gmm(conditional=True), OneStepStudent(net(4)), net(4),
+         dict(class_weights=torch.tensor([1.0, 0.0, 0.0, 1.0]))),
+    ]:
+        d = Distiller(teacher, student, fake_score=fake, config=small_config(num_steps=2), **kw)
+        before = [p.clone() for p in student.parameters()]
+        d.train()
+        assert d.generator_updates == 2
+        assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+        assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_class_weights_select_the_training_labels():
+    d = Distiller(gmm(conditional=True), OneStepStudent(net(4)), fake_score=net(4),
+                  config=small_config(batch_size=256), class_weights=torch.tensor([0.0, 1.0, 0.0, 3.0]))
+    labels = d._labels(0, d._index(256))
+    assert set(labels.tolist()) == {1, 3}
+    assert 0.15 < (labels == 1).float().mean() < 0.35
+
+
+def test_regression_only_fits_the_teacher_pairs():
+    z = torch.randn(32, 2)
+    target = torch.tanh(z) * 0.7  # any stored pairing (z, T(z))
+    student = ScratchStudent()
+    cfg = small_config(num_steps=40, dmd_weight=0.0, regression_weight=1.0, generator_lr=1e-2,
+                       regression_batch_size=32, log_every=40)
+    d = Distiller(gmm(), student, fake_score=net(), config=cfg, regression_pairs=(z, target))
+    with torch.no_grad():
+        before = (student(z) - target).pow(2).mean().item()
+    d.train()
+    with torch.no_grad():
+        after = (student(z) - target).pow(2).mean().item()
+    assert after < 0.2 * before
+
+
+def _gan_setup(tmp_path, **kw):
+    teacher = gmm()
+    cfg = small_config(gan=True, gan_feature_module="model.blocks.1.fc2", ema_halflife_steps=3.0, **kw)
+    real = teacher.sample(64, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(1)  # identical initial weights in every call
+    return Distiller(teacher, OneStepStudent(net()), fake_score=net(), config=cfg, real_data=real,
+                     out_dir=tmp_path)
+
+
+def test_gan_feature_module_must_run(tmp_path):
+    cfg = small_config(gan=True, gan_feature_module="model.blocks.1")  # a ModuleDict: never called
+    with pytest.raises(ConfigError, match="never called"):
+        Distiller(gmm(), OneStepStudent(net()), fake_score=net(), config=cfg, real_data=torch.zeros(4, 2))
+
+
+def test_gan_trains_the_discriminator_and_logs(tmp_path):
+    calls = []
+
+    def callback(distiller, step):
+        calls.append(step)
+        assert distiller.ema_student is not None and distiller.is_main
+        return {"custom": float(step)} if step == 3 else None
+
+    d = _gan_setup(tmp_path, num_steps=4)
+    d.callbacks.append(callback)
+    head_before = [p.clone() for p in d.discriminator.parameters()]
+    d.train()
+    assert calls == [1, 2, 3, 4]
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, d.discriminator.parameters()))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 3, 4]
+    assert records[1] == {"step": 3, "custom": 3.0}
+    for key in ("generator_loss", "dmd_loss", "gan_generator_loss", "gan_discriminator_loss", "dsm_loss",
+                "generator_grad_norm", "fake_score_grad_norm", "generator_lr", "samples_per_s",
+                "fake_score_updates", "nonfinite_skipped"):
+        assert key in records[0], key
+    assert records[-1]["fake_score_updates"] == 20
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def _state(d):
+    tensors, _ = d.state_tensors()
+    return {k: v for k, v in tensors.items() if not k.startswith("rng/")}
+
+
+def test_resume_after_interruption_is_bit_exact(tmp_path):
+    reference = _gan_setup(tmp_path / "a", num_steps=7, checkpoint_every=2)
+    reference.train()
+    stop_at = random.Random().randint(1, 6)
+
+    def interrupt(distiller, step):
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    first = _gan_setup(tmp_path / "b", num_steps=7, checkpoint_every=2)
+    first.callbacks.append(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    resumed = _gan_setup(tmp_path / "b", num_steps=7, checkpoint_every=2)
+    resumed.train(resume="latest")
+    assert resumed.step == 7
+    ref, got = _state(reference), _state(resumed)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), (stop_at, k)
+    log = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert log == [2, 4, 6, 7]  # records after the restored step were dropped, then rewritten
+
+
+def test_truncated_checkpoint_is_never_resumed(tmp_path):
+    d = Distiller(gmm(), OneStepStudent(net()), fake_score=net(), out_dir=tmp_path,
+                  config=small_config(num_steps=3, checkpoint_every=1, keep_checkpoints=2))
+    d.train()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]  # only the newest K kept
+    newest = tmp_path / "checkpoint-000000003.safetensors"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # cut mid-write
+    (tmp_path / ".checkpoint-000000004.safetensors.tmp-1").write_bytes(data)  # a stray temp file
+    assert latest_checkpoint(tmp_path).name == "checkpoint-000000002.safetensors"
+    again = Distiller(gmm(), OneStepStudent(net()), fake_score=net(), out_dir=tmp_path,
+                      config=small_config(num_steps=3, checkpoint_every=1, keep_checkpoints=2))
+    assert again.resume("latest").name == "checkpoint-000000002.safetensors"
+    assert again.step == 2
+    with pytest.raises(CheckpointError):
+        again.load_checkpoint(newest)
+    other = Distiller(gmm(), OneStepStudent(net()), fake_score=net(), out_dir=tmp_path,
+                      config=small_config(num_steps=3, generator_lr=5e-4))
+    with pytest.raises(CheckpointError, match="generator_lr"):
+        other.resume("latest")
+
+
+# --- faults -------------------------------------------------------------------------------------
+
+
+class Poisoned(nn.Module):
+    """Wraps a student; its forward returns NaN on the generator-step calls listed in ``at``."""
+
+    def __init__(self, inner, at):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, set(at), 0
+        self.sample_shape = inner.sample_shape
+
+    def forward(self, z, class_labels=None):
+        x = self.inner(z, class_labels)
+        if torch.is_grad_enabled():  # generator step (fake-score samples are drawn without grad)
+            self.calls += 1
+            if self.calls in self.at or -1 in self.at:
+                x = x * float("nan")
+        return x
+
+
+def test_nan_is_skipped_and_counted():
+    student = Poisoned(OneStepStudent(net()), at={2})
+    d = Distiller(gmm(), student, fake_score=net(), config=small_config(num_steps=4, ema_halflife_steps=2.0))
+    d.train()
+    assert (d.nonfinite_total, d.generator_updates, d.fake_score_updates, d.step) == (1, 3, 20, 4)
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert all(torch.isfinite(p).all() for p in d.ema_student.parameters())
+
+
+def test_nan_in_a_row_stops_with_a_clear_error():
+    student = Poisoned(OneStepStudent(net()), at={-1})
+    cfg = small_config(num_steps=10, max_nonfinite_in_a_row=3)
+    d = Distiller(gmm(), student, fake_score=net(), config=cfg)
+    with pytest.raises(NonFiniteError, match="3 generator updates in a row"):
+        d.train()
+    assert d.nonfinite_total == 3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard installed")
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        Distiller(gmm(), OneStepStudent(net()), fake_score=net(), out_dir=tmp_path,
+                  config=small_config(tensorboard=True))
+
+
+def test_gan_head_on_a_unet_fake_score():
+    from dmdcopy.nets.unet import SongUNet
+
+    def unet():
+        torch.manual_seed(0)
+        return EDMPrecond(SongUNet(8, 1, 1, model_channels=8, channel_mult=(1, 2), num_blocks=1,
+                                   attn_resolutions=(), dropout=0.0), sample_shape=(1, 8, 8))
+
+    teacher = unet()
+    cfg = small_config(batch_size=4, num_steps=1, fake_score_steps=1, gan=True,
+                       gan_feature_module="model.dec.4x4_in1")
+    d = Distiller(teacher, OneStepStudent(unet()), config=cfg, real_data=torch.randn(8, 1, 8, 8))
+    assert d.discriminator.feature_shape[1:] == (4, 4)
+    d.train()
+    assert (d.generator_updates, d.fake_score_updates) == (1, 1)

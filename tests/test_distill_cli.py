@@ -1,0 +1,94 @@
+"""``dmdcopy distill CONFIG.toml [--resume]``."""
+
+import json
+
+import pytest
+import torch
+
+from dmdcopy.cli import main
+from dmdcopy.cli.distill import build_run, load_toml
+from dmdcopy.errors import ConfigError
+from dmdcopy.nets import MLP
+from dmdcopy.precond import EDMPrecond
+from dmdcopy.students import MultiStepStudent, OneStepStudent
+
+GMM_TOML = """
+out_dir = "{out}"
+device = "cpu"
+
+[teacher]
+kind = "gmm"
+means = [[-1.0, 0.0], [1.0, 0.0]]
+stds = [0.2, 0.2]
+
+[student]
+init = "mlp"
+hidden = 16
+depth = 1
+
+[fake_score]
+init = "mlp"
+hidden = 16
+depth = 1
+
+[distill]
+num_steps = {steps}
+batch_size = 8
+fake_score_steps = 2
+log_every = 1
+checkpoint_every = 2
+{extra}
+"""
+
+
+def write(tmp_path, steps=3, extra=""):
+    path = tmp_path / "run.toml"
+    path.write_text(GMM_TOML.format(out=(tmp_path / "out").as_posix(), steps=steps, extra=extra))
+    return path
+
+
+def test_cli_runs_and_resumes(tmp_path, capsys):
+    assert main(["distill", str(write(tmp_path, steps=3)), "--no-progress"]) == 0
+    assert "3 steps done" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000000002.safetensors",
+                                                                  "checkpoint-000000003.safetensors"]
+    assert main(["distill", str(write(tmp_path, steps=5)), "--resume", "--no-progress"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
+    assert main(["distill", str(write(tmp_path, extra="generator_lrr = 1.0"))]) == 1
+    err = capsys.readouterr().err
+    assert "generator_lrr" in err and "Traceback" not in err
+    assert main(["distill", str(write(tmp_path, extra="generator_lr = -1.0"))]) == 1
+    assert "generator_lr must be > 0" in capsys.readouterr().err
+    assert main(["distill", str(tmp_path / "missing.toml")]) == 1
+
+
+def test_build_run_from_a_saved_teacher(tmp_path):
+    from dmdcopy.io import save
+
+    teacher = EDMPrecond(MLP(2, hidden=16, depth=1))
+    save(teacher, tmp_path / "teacher.safetensors")
+    text = GMM_TOML.format(out="o", steps=1, extra="")
+    text = text.replace('kind = "gmm"\nmeans = [[-1.0, 0.0], [1.0, 0.0]]\nstds = [0.2, 0.2]',
+                        f'kind = "checkpoint"\npath = "{(tmp_path / "teacher.safetensors").as_posix()}"')
+    text = text.replace('init = "mlp"\nhidden = 16\ndepth = 1\n\n[fake_score]', 'init = "teacher"\n'
+                        'sigmas = [80.0, 1.0]\n\n[fake_score]')
+    (tmp_path / "t.toml").write_text(text)
+    parts = build_run(load_toml(tmp_path / "t.toml"))
+    assert isinstance(parts["student"], MultiStepStudent) and parts["student"].sigmas == (80.0, 1.0)
+    for a, b in zip(parts["student"].denoiser.parameters(), teacher.parameters()):
+        assert torch.equal(a, b)
+    spec = load_toml(tmp_path / "t.toml")
+    spec["teacher"]["means"] = [[0.0, 0.0]]
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_run(spec)
+    gmm_spec = load_toml(write(tmp_path))
+    gmm_spec["student"]["init"] = "teacher"
+    with pytest.raises(ConfigError, match="init = 'mlp'"):
+        build_run(gmm_spec)
+    gmm_spec["student"]["init"] = "mlp"
+    assert isinstance(build_run(gmm_spec)["student"], OneStepStudent)
