@@ -1,0 +1,217 @@
+"""Teacher pair stores: content, resumption after a kill, corrupt shards, settings checks, ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from dmdcopy.errors import CheckpointError, ConfigError, ShapeError
+from dmdcopy.noise import labels_for_seeds, noise_for_seeds
+from dmdcopy.pairs import PairStore, generate_pairs, teacher_fingerprint
+from dmdcopy.samplers import euler, heun, teacher_ode
+from dmdcopy.schedules import karras_sigmas
+from dmdcopy.teachers import GaussianMixtureTeacher, GaussianTeacher
+
+GRID = karras_sigmas(6)
+
+
+def _teacher() -> GaussianTeacher:
+    return GaussianTeacher(torch.tensor([0.5, -1.0, 0.0]), torch.diag(torch.tensor([1.0, 2.0, 0.25])))
+
+
+class CountingDenoiser(nn.Module):
+    """A real denoiser that also counts the samples it is asked to denoise."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.sample_shape, self.label_dim = inner.sample_shape, inner.label_dim
+        self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
+        self.rows = 0
+
+    def forward(self, x, sigma, class_labels=None):
+        self.rows += x.shape[0]
+        return self.inner(x, sigma, class_labels)
+
+
+class Kill(Exception):
+    pass
+
+
+def test_store_holds_the_teacher_map(tmp_path):
+    T = _teacher()
+    store = generate_pairs(T, range(10, 21), tmp_path, sigmas=GRID, batch=4, shard_size=5, store_noise=True)
+    assert len(store) == 11 and store.num_shards == 3 and store.sample_shape == (3,)
+    seeds, x, labels = store.load()
+    assert seeds.tolist() == list(range(10, 21)) and labels is None
+    z = noise_for_seeds(range(10, 21), (3,))
+    torch.testing.assert_close(x, teacher_ode(T, z, GRID, heun), rtol=1e-6, atol=1e-6)
+    assert torch.equal(store.load_noise(), z)
+    # a subset, in the requested order
+    seeds, x_sub, _ = store.load([20, 11])
+    assert seeds.tolist() == [20, 11] and torch.equal(x_sub, x[[10, 1]])
+    with pytest.raises(ConfigError, match="not in the store"):
+        store.load([3])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["steps"] == 6 and manifest["solver"].endswith("heun")
+    assert manifest["teacher"] == teacher_fingerprint(T)
+
+
+def test_noise_regenerated_when_not_stored(tmp_path):
+    store = generate_pairs(_teacher(), [7, 3, 5], tmp_path, sigmas=GRID)
+    assert not store.has_noise
+    assert torch.equal(store.load_noise([5, 7]), noise_for_seeds([5, 7], (3,)))
+    z, x = store.regression_pairs([5, 7])  # the distiller's regression_pairs= form
+    assert torch.equal(z, noise_for_seeds([5, 7], (3,))) and torch.equal(x, store.load([5, 7])[1])
+
+
+def test_batch_size_does_not_change_pairs(tmp_path):
+    a = generate_pairs(_teacher(), range(12), tmp_path / "a", sigmas=GRID, batch=12).load()[1]
+    b = generate_pairs(_teacher(), range(12), tmp_path / "b", sigmas=GRID, batch=5).load()[1]
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_resume_after_kill_and_truncated_shard(tmp_path):
+    seeds = range(40)
+    reference = generate_pairs(_teacher(), seeds, tmp_path / "ref", sigmas=GRID, batch=5, shard_size=10)
+    D = CountingDenoiser(_teacher())
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if done >= 25:  # killed in the middle of the third shard
+            raise Kill
+
+    with pytest.raises(Kill):
+        generate_pairs(D, seeds, tmp_path / "run", sigmas=GRID, batch=5, shard_size=10, progress=progress)
+    store = PairStore(tmp_path / "run")
+    assert store.missing_shards() == [2, 3]
+    with pytest.raises(CheckpointError, match="incomplete"):
+        store.load()
+    rows_per_sample = D.rows // 25
+    assert rows_per_sample * 25 == D.rows
+
+    # A partially written shard (as a crash during a non-atomic copy would leave it)
+    shard1 = store.shard_path(1)
+    shard1.write_bytes(shard1.read_bytes()[:-7])
+    assert store.missing_shards() == [1, 2, 3]
+    inode0 = os.stat(store.shard_path(0)).st_ino
+
+    D.rows = 0
+    done = []
+    store = generate_pairs(D, seeds, tmp_path / "run", sigmas=GRID, batch=5, shard_size=10,
+                           progress=lambda d, t: done.append((d, t)))
+    assert D.rows == rows_per_sample * 30  # shards 1, 2, 3 recomputed, shard 0 reused
+    assert os.stat(store.shard_path(0)).st_ino == inode0
+    assert done[0] == (10, 40) and done[-1] == (40, 40)
+    assert store.missing_shards() == []
+    assert torch.equal(store.load()[1], reference.load()[1])
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_corrupt_shards_are_detected(tmp_path):
+    store = generate_pairs(_teacher(), range(6), tmp_path, sigmas=GRID, shard_size=3)
+    path = store.shard_path(0)
+    path.write_bytes(b"not a safetensors file")
+    assert not store.shard_ok(0) and store.shard_ok(1)
+    # A valid file holding another shard's pairs
+    store.shard_path(1).rename(path)
+    assert store.missing_shards() == [0, 1]
+    generate_pairs(_teacher(), range(6), tmp_path, sigmas=GRID, shard_size=3)
+    assert store.missing_shards() == []
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(sigmas=karras_sigmas(7)), "sigmas"),
+        (dict(solver=euler), "solver"),
+        (dict(seeds=range(9)), "seeds"),
+        (dict(shard_size=4), "shard_size"),
+        (dict(store_noise=True), "store_noise"),
+        (dict(teacher=GaussianTeacher(torch.zeros(3), torch.eye(3))), "teacher"),
+    ],
+)
+def test_cache_made_with_other_settings_is_refused(tmp_path, change, field):
+    generate_pairs(_teacher(), range(8), tmp_path, sigmas=GRID, shard_size=3)
+    kwargs = dict(sigmas=GRID, shard_size=3)
+    teacher = change.pop("teacher", _teacher())
+    seeds = change.pop("seeds", range(8))
+    kwargs.update(change)
+    with pytest.raises(ConfigError, match=f"other settings.*{field}"):
+        generate_pairs(teacher, seeds, tmp_path, **kwargs)
+
+
+def test_conditional_labels(tmp_path):
+    M = GaussianMixtureTeacher(torch.randn(3, 2, generator=torch.Generator().manual_seed(0)),
+                               torch.full((3,), 0.2), conditional=True)
+    store = generate_pairs(M, range(9), tmp_path / "drawn", sigmas=GRID, shard_size=4)
+    _, x, labels = store.load()
+    assert torch.equal(labels, labels_for_seeds(range(9), 3))
+    z = noise_for_seeds(range(9), (2,))
+    torch.testing.assert_close(x, teacher_ode(M, z, GRID, class_labels=labels), rtol=1e-6, atol=1e-6)
+    given = torch.tensor([2, 2, 1, 0, 0, 1, 2, 0, 1])
+    store = generate_pairs(M, range(9), tmp_path / "given", sigmas=GRID, class_labels=given)
+    assert torch.equal(store.load()[2], given)
+    with pytest.raises(ConfigError, match="labels"):
+        generate_pairs(M, range(9), tmp_path / "given", sigmas=GRID, class_labels=given.flip(0))
+    with pytest.raises(ShapeError, match="class_labels"):
+        generate_pairs(M, range(9), tmp_path / "bad", sigmas=GRID, class_labels=given[:4])
+
+
+def test_input_errors(tmp_path):
+    with pytest.raises(ConfigError, match="distinct"):
+        generate_pairs(_teacher(), [1, 1], tmp_path, sigmas=GRID)
+    with pytest.raises(ConfigError, match="ending in 0"):
+        generate_pairs(_teacher(), [1, 2], tmp_path, sigmas=[80.0, 1.0])
+    with pytest.raises(ConfigError, match="sample_shape"):
+        generate_pairs(lambda x, s: x, [1, 2], tmp_path, sigmas=GRID, teacher_id="f")
+    with pytest.raises(ConfigError, match="teacher_id"):
+        generate_pairs(lambda x, s: x, [1, 2], tmp_path, sigmas=GRID, sample_shape=(2,))
+    with pytest.raises(CheckpointError, match="not a pair store"):
+        PairStore(tmp_path / "nothing")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text('{"format": "dmdcopy.pairs/1"}')
+    with pytest.raises(CheckpointError, match="incomplete manifest"):
+        PairStore(tmp_path / "broken")
+    (tmp_path / "broken" / "manifest.json").write_text('{"format": ')
+    with pytest.raises(CheckpointError, match="corrupt manifest"):
+        PairStore(tmp_path / "broken")
+    store = generate_pairs(_teacher(), [1, 2], tmp_path / "ok", sigmas=GRID)
+    store.check_teacher(_teacher())
+    with pytest.raises(ConfigError, match="another teacher"):
+        store.check_teacher(GaussianTeacher(torch.zeros(3), torch.eye(3)))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        D = CountingDenoiser(_teacher())
+        generate_pairs(D, range(30), out_dir, sigmas=GRID, batch=5, shard_size=5)
+        torch.save(D.rows, os.path.join(out_dir, f"rows{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_split_the_shards(tmp_path):
+    torch.multiprocessing.start_processes(_rank_worker, args=(2, _free_port(), str(tmp_path / "dist")),
+                                         nprocs=2, start_method="fork")  # fork: no re-import, fast
+    rows = [torch.load(tmp_path / "dist" / f"rows{r}.pt") for r in range(2)]
+    assert rows[0] == rows[1] > 0  # 3 shards each
+    single = generate_pairs(_teacher(), range(30), tmp_path / "one", sigmas=GRID, batch=5, shard_size=5)
+    assert torch.equal(PairStore(tmp_path / "dist").load()[1], single.load()[1])
