@@ -1,11 +1,44 @@
-"""dmdcopy: Distribution Matching Distillation and the Delta E copying metric."""
+"""dmdcopy: Distribution Matching Distillation and the Delta E copying metric.
 
-from dmdcopy import errors, noise, precond, schedules
+The layers, bottom to top: ``schedules``, ``noise`` -> ``precond``, ``samplers``, ``teachers``,
+``nets``, ``losses``, ``metrics`` -> ``students``, ``pairs``, ``io`` -> ``distill``,
+``experiments`` -> ``cli``.
+"""
+
+from dmdcopy import (
+    distill,
+    errors,
+    io,
+    losses,
+    metrics,
+    nets,
+    noise,
+    pairs,
+    precond,
+    samplers,
+    schedules,
+    students,
+    teachers,
+)
+from dmdcopy.distill import DeltaECallback, DistillConfig, Distiller
 from dmdcopy.errors import CheckpointError, ConfigError, DmdcopyError, NonFiniteError, ShapeError
-from dmdcopy.nets import MLP
+from dmdcopy.io import load, save
+from dmdcopy.metrics import (
+    PairingInefficiency,
+    PairingResult,
+    TransportResult,
+    copy_diagnostics,
+    pairing_inefficiency,
+    transport_inefficiency,
+)
+from dmdcopy.nets import MLP, DhariwalUNet, SongUNet
 from dmdcopy.noise import labels_for_seeds, noise_for_seeds, parse_seeds
+from dmdcopy.pairs import PairStore, generate_pairs
 from dmdcopy.precond import EDMPrecond, Precond, VEPrecond, VPPrecond
+from dmdcopy.samplers import dpmpp_2m, edm_stochastic, euler, heun, teacher_ode
 from dmdcopy.schedules import dmd_sigma_grid, karras_sigmas, ve_sigmas, vp_sigmas
+from dmdcopy.students import MultiStepStudent, OneStepStudent
+from dmdcopy.teachers import EmpiricalTeacher, GaussianMixtureTeacher, GaussianTeacher
 
 __version__ = "0.1.0"
 
@@ -13,23 +46,57 @@ __all__ = [
     "MLP",
     "CheckpointError",
     "ConfigError",
+    "DeltaECallback",
+    "DhariwalUNet",
+    "DistillConfig",
+    "Distiller",
     "DmdcopyError",
     "EDMPrecond",
+    "EmpiricalTeacher",
+    "GaussianMixtureTeacher",
+    "GaussianTeacher",
+    "MultiStepStudent",
     "NonFiniteError",
+    "OneStepStudent",
+    "PairStore",
+    "PairingInefficiency",
+    "PairingResult",
     "Precond",
     "ShapeError",
+    "SongUNet",
+    "TransportResult",
     "VEPrecond",
     "VPPrecond",
     "__version__",
+    "copy_diagnostics",
+    "distill",
     "dmd_sigma_grid",
+    "dpmpp_2m",
+    "edm_stochastic",
     "errors",
+    "euler",
+    "generate_pairs",
+    "heun",
+    "io",
     "karras_sigmas",
     "labels_for_seeds",
+    "load",
+    "losses",
+    "metrics",
+    "nets",
     "noise",
     "noise_for_seeds",
+    "pairing_inefficiency",
+    "pairs",
     "parse_seeds",
     "precond",
+    "samplers",
+    "save",
     "schedules",
+    "students",
+    "teacher_ode",
+    "teachers",
+    "transport_inefficiency",
     "ve_sigmas",
     "vp_sigmas",
 ]

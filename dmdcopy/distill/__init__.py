@@ -5,6 +5,7 @@
 2e-06
 """
 
+from dmdcopy.distill.callbacks import DeltaECallback
 from dmdcopy.distill.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from dmdcopy.distill.config import DistillConfig
 from dmdcopy.distill.dist import init_from_env
@@ -14,6 +15,7 @@ from dmdcopy.distill.ema import EMA
 __all__ = [
     "EMA",
     "Callback",
+    "DeltaECallback",
     "DistillConfig",
     "Distiller",
     "FakeScoreRecord",
