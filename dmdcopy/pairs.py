@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dmdcopy._atomic import write_atomic
 from dmdcopy.errors import CheckpointError, ConfigError, ShapeError
 from dmdcopy.noise import labels_for_seeds, noise_for_seeds
 from dmdcopy.samplers import heun, teacher_ode
@@ -99,19 +99,6 @@ def _sha(data: bytes | str) -> str:
 def _settings_sha(manifest: dict) -> str:
     core = {k: v for k, v in manifest.items() if k != _INFO_KEY}
     return _sha(json.dumps(core, sort_keys=True))
-
-
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _dist() -> tuple[int, int]:
@@ -405,7 +392,7 @@ def generate_pairs(
                               + "; ".join(diffs) + "); use another directory or delete this one")
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+        write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     _barrier()
 
     store = PairStore(out)
@@ -444,6 +431,6 @@ def generate_pairs(
             if store_noise:
                 tensors["noise"] = torch.cat(zs).contiguous()
             meta = {"settings": store.settings_sha, "shard": str(k)}
-            _write_atomic(store.shard_path(k), lambda tmp, t=tensors, m=meta: save_file(t, tmp, metadata=m))
+            write_atomic(store.shard_path(k), lambda tmp, t=tensors, m=meta: save_file(t, tmp, metadata=m))
     _barrier()
     return store

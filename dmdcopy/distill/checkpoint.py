@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dmdcopy._atomic import write_atomic
 from dmdcopy.errors import CheckpointError
 
 __all__ = [
@@ -49,29 +50,10 @@ def checkpoint_name(step: int) -> str:
 def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                      state: Mapping[str, Any]) -> Path:
     """Write ``tensors`` and the JSON-able ``state`` to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors wants contiguous CPU tensors that share no memory.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {"format": FORMAT, "state": json.dumps(state, allow_nan=True)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(flat, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
+    return write_atomic(path, lambda tmp: save_file(flat, tmp, metadata=meta))
 
 
 def read_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cpu"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dmdcopy._atomic import write_atomic
 from dmdcopy.errors import CheckpointError, ConfigError
 from dmdcopy.io.architectures import module_spec
 
@@ -61,17 +61,7 @@ def save_state(
     tensors, aliases = _dedupe(state)
     meta = dict(metadata or {})
     meta["dmdcopy.aliases"] = json.dumps(aliases)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def save(module: nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> None:
