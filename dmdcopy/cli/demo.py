@@ -1,0 +1,227 @@
+"""``dmdcopy demo``: the dimension sweep that shows (or fails to show) copying, on built-in data.
+
+Trains small teachers on power-law Gaussians and Gaussian mixtures in several dimensions,
+distils one-step DMD students (from the teacher and from scratch), prints Delta E per dimension,
+and writes ``results.json`` and ``sweep.png`` to ``--out``. ``--experiment digits`` runs the
+digits study (teacher convergence levels, memorising teacher; ``digits.json``, ``digits.png``),
+``--experiment ablations`` the ablation switches (``ablations.json``, ``ablations.png``),
+``--experiment all`` the three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+__all__ = ["register", "run"]
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    from dmdcopy.errors import ConfigError
+
+    try:
+        dims = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise ConfigError(f"--dims takes comma-separated positive ints, e.g. 2,8,32; got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise ConfigError(f"--dims takes comma-separated positive ints, e.g. 2,8,32; got {text!r}")
+    return dims
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="dimension sweep: does a DMD student copy its teacher's pairing? (no downloads)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                       help="tiny run, about 30 s on one CPU core (the CI check)")
+    scale.add_argument("--full", dest="preset", action="store_const", const="full",
+                       help="longer training, larger networks and more evaluation noises")
+    p.set_defaults(preset="default")
+    p.add_argument("--experiment", choices=("sweep", "digits", "ablations", "all"), default="sweep",
+                   help="what to run (default: the dimension sweep)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--out", default="dmdcopy-demo", help="output folder (default: ./dmdcopy-demo)")
+    p.add_argument("--dims", default=None, help="comma-separated dimensions (default: the preset's)")
+    p.add_argument("--kinds", default=None,
+                   help="comma-separated data kinds: power_law_gaussian,gaussian_mixture")
+    p.add_argument("--students", default=None, help="comma-separated: teacher_init,scratch")
+    p.add_argument("--seed", type=int, default=0, help="base seed of data, teachers and students")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (preset's)")
+    p.add_argument("--distill-steps", type=int, default=None, help="DMD generator updates (preset's)")
+    p.add_argument("--lr", type=float, default=None, help="DMD learning rate of student and fake score")
+    p.add_argument("--num-eval", type=int, default=None, help="evaluation noises per point (preset's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--resolution", type=int, default=None, help="digits: 8, 16 or 32 px (preset's)")
+    p.add_argument("--network", choices=("mlp", "unet"), default=None, help="digits: teacher network")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _progress_bar(total: int, enabled: bool, desc: str):
+    """A tqdm bar advanced by stage messages; returns ``(callback, close)``."""
+    bar = None
+    if enabled:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="stage")
+    state = {"started": 0}
+
+    def progress(message: str) -> None:
+        if bar is not None:
+            if state["started"]:
+                bar.update(1)
+            bar.set_postfix_str(message)
+        state["started"] += 1
+
+    def close() -> None:
+        if bar is not None:
+            bar.update(max(0, total - bar.n))
+            bar.close()
+
+    return progress, close
+
+
+def _distill_changes(args: argparse.Namespace, distill) -> dict:
+    changes = {}
+    if args.distill_steps is not None:
+        changes["num_steps"] = args.distill_steps
+    if args.lr is not None:
+        changes.update(generator_lr=args.lr, fake_score_lr=args.lr)
+    return {"distill": distill.replace(**changes)} if changes else {}
+
+
+def _common_changes(args: argparse.Namespace, config) -> dict:
+    from dmdcopy.errors import ConfigError
+
+    changes: dict = {"seed": args.seed, **_distill_changes(args, config.distill)}
+    if args.teacher_steps is not None:
+        if args.teacher_steps < 1:
+            raise ConfigError(f"--teacher-steps must be >= 1, got {args.teacher_steps}")
+        changes["teacher"] = dataclasses.replace(config.teacher, steps=args.teacher_steps)
+    if args.num_eval is not None:
+        changes["num_eval"] = args.num_eval
+    return changes
+
+
+def _run_sweep(args: argparse.Namespace, device, out: Path) -> dict:
+    from dmdcopy.experiments.report import format_sweep_table, plot_sweep, write_json
+    from dmdcopy.experiments.sweep import SWEEP_PRESETS, run_dimension_sweep
+
+    config = SWEEP_PRESETS[args.preset]()
+    changes = _common_changes(args, config)
+    if args.dims:
+        changes["dims"] = _dims(args.dims)
+    if args.kinds:
+        changes["kinds"] = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if args.students:
+        changes["students"] = tuple(k.strip() for k in args.students.split(",") if k.strip())
+    config = dataclasses.replace(config, **changes)
+    total = len(config.kinds) * len(config.dims) * (1 + len(config.students))
+    progress, close = _progress_bar(total, not args.no_progress, "sweep")
+    try:
+        results = run_dimension_sweep(config, device=device, progress=progress)
+    finally:
+        close()
+    results["preset"] = args.preset
+    json_path = write_json(out / "results.json", results)
+    print(format_sweep_table(results))
+    print(f"\nsweep, {args.preset} preset, {results['seconds']:.0f} s on {device}; wrote {json_path}")
+    if not args.no_plot:
+        print(f"wrote {plot_sweep(results, out / 'sweep.png')}")
+    return results
+
+
+def _run_digits(args: argparse.Namespace, device, out: Path) -> dict:
+    from dmdcopy.experiments.digits import DIGITS_PRESETS, run_digits
+    from dmdcopy.experiments.report import format_digits_table, plot_digits, write_json
+
+    config = DIGITS_PRESETS[args.preset]()
+    changes = _common_changes(args, config)
+    if args.resolution is not None:
+        changes["resolution"] = args.resolution
+    if args.network is not None:
+        changes["network"] = args.network
+    config = dataclasses.replace(config, **changes)
+    total = 1 + sum(1 + (2 if config.scratch and i == len(config.levels) - 1 else 1)
+                    for i in range(len(config.level_steps()))) + (2 if config.memorising else 0)
+    progress, close = _progress_bar(total, not args.no_progress, "digits")
+    try:
+        results = run_digits(config, device=device, progress=progress)
+    finally:
+        close()
+    results["preset"] = args.preset
+    json_path = write_json(out / "digits.json", results)
+    print(format_digits_table(results))
+    print(f"\ndigits, {args.preset} preset, {results['seconds']:.0f} s on {device}; wrote {json_path}")
+    if not args.no_plot:
+        print(f"wrote {plot_digits(results, out / 'digits.png')}")
+    return results
+
+
+def _run_ablations(args: argparse.Namespace, device, out: Path) -> dict:
+    from dmdcopy.experiments.ablations import ABLATION_PRESETS, run_ablations
+    from dmdcopy.experiments.report import format_ablation_table, plot_ablations, write_json
+
+    config = ABLATION_PRESETS[args.preset]()
+    changes = _common_changes(args, config)
+    if args.dims:
+        dims = _dims(args.dims)
+        changes["dim"] = dims[0]
+    if args.kinds:
+        changes["kind"] = args.kinds.split(",")[0].strip()
+    config = dataclasses.replace(config, **changes)
+    progress, close = _progress_bar(1 + len(config.variants), not args.no_progress, "ablations")
+    try:
+        results = run_ablations(config, device=device, progress=progress)
+    finally:
+        close()
+    results["preset"] = args.preset
+    json_path = write_json(out / "ablations.json", results)
+    print(format_ablation_table(results))
+    print(f"\nablations, {args.preset} preset, {results['seconds']:.0f} s on {device}; wrote {json_path}")
+    if not args.no_plot:
+        print(f"wrote {plot_ablations(results, out / 'ablations.png')}")
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dmdcopy.errors import ConfigError
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA device")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if not args.no_plot:
+        from dmdcopy.experiments.report import require_matplotlib
+
+        require_matplotlib()  # fail before training, not after
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runners = {"sweep": _run_sweep, "digits": _run_digits, "ablations": _run_ablations}
+    names = list(runners) if args.experiment == "all" else [args.experiment]
+    bad = 0
+    for name in names:
+        results = runners[name](args, device, out)
+        bad += _count_non_finite(results)
+    if bad:
+        print(f"warning: {bad} student(s) produced non-finite samples")
+    return 0
+
+
+def _count_non_finite(results: dict) -> int:
+    if "points" in results:
+        return sum(not s["finite"] for p in results["points"] for s in p["students"].values())
+    if "variants" in results:
+        return sum(not r["finite"] for r in results["variants"].values())
+    return sum(not s["finite"] for t in results["teachers"].values() for s in t["students"].values())

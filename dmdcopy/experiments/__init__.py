@@ -1,0 +1,75 @@
+"""Reproductions of the copying findings: dimension sweeps, digits, ablations; JSON and figures.
+
+>>> from dmdcopy.experiments import SWEEP_PRESETS
+>>> sorted(SWEEP_PRESETS)
+['default', 'full', 'quick']
+"""
+
+from dmdcopy.experiments.ablations import (
+    ABLATION_PRESETS,
+    DEFAULT_VARIANTS,
+    AblationConfig,
+    Variant,
+    run_ablations,
+)
+from dmdcopy.experiments.common import gaussian_frechet, sliced_wasserstein
+from dmdcopy.experiments.digits import DIGITS_PRESETS, DigitsConfig, ImageMLP, memorisation_stats, run_digits
+from dmdcopy.experiments.pipeline import distill_student, evaluate_student, make_student
+from dmdcopy.experiments.report import (
+    format_ablation_table,
+    format_digits_table,
+    format_sweep_table,
+    plot_ablations,
+    plot_digits,
+    plot_sweep,
+    write_json,
+)
+from dmdcopy.experiments.sweep import (
+    DATA_KINDS,
+    SWEEP_PRESETS,
+    SweepConfig,
+    run_dimension_sweep,
+    run_sweep_point,
+)
+from dmdcopy.experiments.teacher_training import (
+    TeacherConfig,
+    TrainedTeacher,
+    mixed_training_sigmas,
+    ode_map_error,
+    train_teacher,
+)
+
+__all__ = [
+    "ABLATION_PRESETS",
+    "DATA_KINDS",
+    "DEFAULT_VARIANTS",
+    "DIGITS_PRESETS",
+    "SWEEP_PRESETS",
+    "AblationConfig",
+    "DigitsConfig",
+    "ImageMLP",
+    "SweepConfig",
+    "TeacherConfig",
+    "TrainedTeacher",
+    "Variant",
+    "distill_student",
+    "evaluate_student",
+    "format_ablation_table",
+    "format_digits_table",
+    "format_sweep_table",
+    "gaussian_frechet",
+    "make_student",
+    "memorisation_stats",
+    "mixed_training_sigmas",
+    "ode_map_error",
+    "plot_ablations",
+    "plot_digits",
+    "plot_sweep",
+    "run_ablations",
+    "run_digits",
+    "run_dimension_sweep",
+    "run_sweep_point",
+    "sliced_wasserstein",
+    "train_teacher",
+    "write_json",
+]

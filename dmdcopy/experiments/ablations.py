@@ -1,0 +1,224 @@
+"""Ablations: which ingredient of DMD2 makes a student copy its teacher's pairing?
+
+One data setting (a kind and a dimension from :mod:`dmdcopy.experiments.sweep`'s families), one
+trained teacher, and a list of :class:`Variant` switches, each changing one thing from the baseline
+(one-step student initialised from the converged teacher, DMD loss only):
+
+- ``gan``: DMD2's GAN term on (classifier head on fake-score features; real side: exact samples);
+- ``regression``: DMD v1's regression loss to stored teacher pairs ``(z, T(z))`` on (pairs drawn on
+  seeds disjoint from the evaluation seeds);
+- ``init="scratch"``: the student starts from a fresh network instead of the teacher's weights;
+- ``teacher_level``: the teacher's EMA weights at a fraction of its training (convergence);
+- ``memorising``: the teacher is the exact empirical denoiser of ``num_train`` samples (it
+  reproduces its training points), the student starts from scratch and the fake score from the
+  trained teacher; compare with the ``scratch`` variant, which differs only in the teacher.
+
+Every variant is measured on the same evaluation noises against its own teacher's map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dmdcopy.distill.config import DistillConfig
+from dmdcopy.errors import ConfigError
+from dmdcopy.experiments.common import Timer, batched, pairing_summary, transport_summary
+from dmdcopy.experiments.pipeline import STUDENT_INITS, distill_student, evaluate_student, make_student
+from dmdcopy.experiments.report import machine_info
+from dmdcopy.experiments.sweep import DATA_KINDS, _default_distill, _quality_fn
+from dmdcopy.experiments.teacher_training import TeacherConfig, train_teacher
+from dmdcopy.nets.mlp import MLP
+from dmdcopy.noise import noise_for_seeds
+from dmdcopy.samplers import teacher_ode
+from dmdcopy.schedules import karras_sigmas
+
+__all__ = ["ABLATION_PRESETS", "DEFAULT_VARIANTS", "AblationConfig", "Variant", "run_ablations"]
+
+EVAL_SEED_OFFSET = 3_000_000
+PAIR_SEED_OFFSET = 4_000_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """One ablation: the baseline with some switches flipped."""
+
+    name: str
+    init: str = "teacher_init"  # "teacher_init" or "scratch"
+    gan: bool = False  # DMD2 GAN term
+    regression: bool = False  # DMD v1 regression loss to teacher pairs
+    teacher_level: float = 1.0  # fraction of the teacher's training (convergence level)
+    memorising: bool = False  # exact empirical teacher of num_train samples
+
+    def __post_init__(self) -> None:
+        if self.init not in STUDENT_INITS:
+            raise ConfigError(f"Variant {self.name!r}: init must be one of {STUDENT_INITS}, "
+                              f"got {self.init!r}")
+        if not 0 < self.teacher_level <= 1:
+            raise ConfigError(f"Variant {self.name!r}: teacher_level must lie in (0, 1], "
+                              f"got {self.teacher_level}")
+
+
+DEFAULT_VARIANTS: tuple[Variant, ...] = (
+    Variant(name="baseline"),
+    Variant(name="gan_on", gan=True),
+    Variant(name="regression_on", regression=True),
+    Variant(name="scratch", init="scratch"),
+    Variant(name="teacher_level_0.05", teacher_level=0.05),
+    Variant(name="teacher_level_0.25", teacher_level=0.25),
+    Variant(name="memorising_teacher", memorising=True, init="scratch"),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AblationConfig:
+    """The ablation study's setting."""
+
+    kind: str = "power_law_gaussian"  # key of dmdcopy.experiments.sweep.DATA_KINDS
+    dim: int = 32
+    alpha: float = 1.0
+    num_components: int = 8
+    variants: tuple[Variant, ...] = DEFAULT_VARIANTS
+    hidden: int = 128
+    depth: int = 3
+    emb_dim: int = 64
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(steps=1500))
+    distill: DistillConfig = field(default_factory=_default_distill)
+    regression_weight: float = 0.25  # weight of the regression loss when a variant turns it on
+    gan_feature_module: str = "model.out_norm"  # fake-score submodule the GAN head reads
+    num_train: int = 1000  # memorising teacher's data set, and the GAN's real samples
+    num_pairs: int = 2000  # stored teacher pairs for the regression loss
+    ode_steps: int = 32
+    num_eval: int = 1000
+    n_boot: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "variants", tuple(self.variants))
+        if self.kind not in DATA_KINDS:
+            raise ConfigError(f"AblationConfig.kind: unknown data kind {self.kind!r}; "
+                              f"known: {sorted(DATA_KINDS)}")
+        names = [v.name for v in self.variants]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"AblationConfig.variants need distinct names, got {names}")
+        if self.num_eval < 4 or self.num_train < 2 or self.num_pairs < 1:
+            raise ConfigError("AblationConfig: num_eval >= 4, num_train >= 2 and num_pairs >= 1 are needed")
+
+    def level_steps(self) -> tuple[int, ...]:
+        return tuple(sorted({max(1, round(v.teacher_level * self.teacher.steps)) for v in self.variants}))
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["variants"] = [dataclasses.asdict(v) for v in self.variants]
+        d["teacher"] = dataclasses.asdict(self.teacher)
+        d["distill"] = self.distill.to_dict()
+        return d
+
+
+def _ablation_preset(dim: int, teacher_steps: int, distill_steps: int, hidden: int,
+                     num_eval: int) -> AblationConfig:
+    return AblationConfig(dim=dim, hidden=hidden, num_eval=num_eval,
+                          teacher=TeacherConfig(steps=teacher_steps, batch=256),
+                          distill=_default_distill().replace(num_steps=distill_steps))
+
+
+# Scales of the ablation study, as the CLI's --quick / default / --full.
+ABLATION_PRESETS: dict[str, Callable[[], AblationConfig]] = {
+    "quick": lambda: _ablation_preset(16, 300, 60, 64, 500),
+    "default": lambda: _ablation_preset(32, 1500, 300, 128, 1000),
+    "full": lambda: _ablation_preset(128, 6000, 1500, 256, 2000),
+}
+
+
+def run_ablations(
+    config: AblationConfig = AblationConfig(),
+    *,
+    device: torch.device | str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Run every variant; return a JSON-ready dict with one record per variant."""
+    device = torch.device(device)
+    say = progress or (lambda _msg: None)
+    timer = Timer()
+    t0 = time.perf_counter()
+    seed = config.seed * 7919 + config.dim * 31 + 17
+    g = torch.Generator().manual_seed(seed)
+    kwargs = dict(alpha=config.alpha, generator=g)
+    if config.kind == "gaussian_mixture":
+        kwargs["num_components"] = config.num_components
+    data = DATA_KINDS[config.kind](config.dim, **kwargs)
+    exact = data.teacher().to(device)
+    train_set = data.sample(config.num_train, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+
+    say("ablations: teacher")
+    with torch.random.fork_rng(devices=[]):  # seed the network's init without touching the caller's RNG
+        torch.default_generator.manual_seed(seed)
+        net = MLP(config.dim, hidden=config.hidden, depth=config.depth, emb_dim=config.emb_dim).to(device)
+    with timer("teacher_training"):
+        trained = train_teacher(lambda n, gen: data.sample(n, generator=gen), net, config.teacher,
+                                snapshot_steps=config.level_steps(),
+                                generator=torch.Generator().manual_seed(seed + 2))
+
+    shape = (config.dim,)
+    z = noise_for_seeds(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + config.num_eval), shape, device=device)
+    pair_seeds = range(PAIR_SEED_OFFSET, PAIR_SEED_OFFSET + config.num_pairs)
+    z_pairs = noise_for_seeds(pair_seeds, shape, device=device)
+    sig = karras_sigmas(config.ode_steps, config.teacher.sigma_min, config.teacher.sigma_max)
+    reference = data.sample(config.num_eval, generator=torch.Generator().manual_seed(seed + 3))
+    quality = _quality_fn(data, reference, config.kind, seed + 4)
+    with torch.no_grad():
+        if config.kind == "power_law_gaussian":
+            x_exact = exact.ode_map(z.double(), config.teacher.sigma_max).float()
+        else:
+            fine = karras_sigmas(128, config.teacher.sigma_min, config.teacher.sigma_max)
+            x_exact = batched(lambda zz: teacher_ode(exact, zz.double(), fine).float(), z)
+
+    records: dict[str, dict] = {}
+    for v in config.variants:
+        say(f"ablations: {v.name}")
+        level_step = max(1, round(v.teacher_level * config.teacher.steps))
+        trained_level = trained.at_step(level_step).to(device)
+        if v.memorising:
+            from dmdcopy.teachers import EmpiricalTeacher
+
+            teacher = EmpiricalTeacher(train_set, sigma_max=config.teacher.sigma_max).to(device)
+        else:
+            teacher = trained_level
+        with timer(f"map_{v.name}"), torch.no_grad():
+            t_samples = batched(lambda zz, T=teacher: teacher_ode(T, zz, sig), z)
+            pairs = None
+            if v.regression:
+                pairs = (z_pairs, batched(lambda zz, T=teacher: teacher_ode(T, zz, sig), z_pairs))
+        dcfg = config.distill.replace(
+            gan=v.gan, gan_feature_module=config.gan_feature_module if v.gan else None,
+            regression_weight=config.regression_weight if v.regression else 0.0,
+        )
+        G = make_student(trained_level, v.init, seed=seed + 5)
+        fake = None
+        if v.memorising:
+            import copy
+
+            fake = copy.deepcopy(trained_level)
+        with timer(f"distill_{v.name}"):
+            run = distill_student(teacher, G, dcfg, fake_score=fake, real_data=train_set if v.gan else None,
+                                  regression_pairs=pairs, seed=seed + 6)
+        G.eval()
+        with timer(f"eval_{v.name}"):
+            rec, _ = evaluate_student(G, z, t_samples, exact_samples=x_exact, quality=quality,
+                                      n_boot=config.n_boot)
+        rec.update(variant=dataclasses.asdict(v), distill=run, teacher_step=level_step,
+                   teacher_quality=quality(t_samples),
+                   teacher_transport=transport_summary(z, t_samples, n_boot=0)["value"],
+                   teacher_ode_error=float((t_samples - x_exact).pow(2).mean().sqrt())
+                   / config.teacher.sigma_data,
+                   teacher_delta_e_vs_exact=pairing_summary(t_samples, x_exact, n_boot=0)["delta_e"])
+        records[v.name] = rec
+    return dict(
+        experiment="ablations", config=config.to_dict(), machine=machine_info(device),
+        data=data.describe(), teacher_train=trained.summary(), variants=records,
+        seconds=time.perf_counter() - t0, timings=timer.seconds,
+    )

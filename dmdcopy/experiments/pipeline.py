@@ -1,0 +1,147 @@
+"""The steps every copying experiment repeats: build a one-step student, distil it with DMD, and
+measure its pairing against the teacher's on shared noise.
+
+A student is ``G(z) = D_theta(sigma_max z, sigma_max)`` (:class:`dmdcopy.students.OneStepStudent`)
+whose denoiser is either a copy of the teacher (DMD2's initialisation) or a fresh network of the
+same architecture ("scratch"). :func:`distill_student` is the one place the experiments call the
+distiller, so its API lives in one spot.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dmdcopy.errors import ConfigError
+from dmdcopy.experiments.common import batched, pairing_summary, transport_summary
+from dmdcopy.precond import EDMPrecond
+from dmdcopy.students import OneStepStudent
+
+__all__ = ["STUDENT_INITS", "distill_student", "evaluate_student", "make_student"]
+
+# How a student's weights start: a copy of the teacher (DMD2) or a fresh network.
+STUDENT_INITS = ("teacher_init", "scratch")
+
+
+def make_student(
+    teacher: EDMPrecond,
+    init: str,
+    *,
+    net_factory: Callable[[], nn.Module] | None = None,
+    sigma_max: float | None = None,
+    seed: int = 0,
+) -> OneStepStudent:
+    """A one-step student for ``teacher``.
+
+    Args:
+        teacher: the trained teacher (an :class:`EDMPrecond` around a raw network).
+        init: ``"teacher_init"`` (deep copy of the teacher, DMD2) or ``"scratch"`` (a new network
+            from ``net_factory`` behind the same preconditioning, initialised with ``seed``).
+        net_factory: builds the raw network; default: the teacher network's class with its
+            ``init_kwargs``.
+    """
+    if init not in STUDENT_INITS:
+        raise ConfigError(f"student init must be one of {STUDENT_INITS}, got {init!r}")
+    if init == "teacher_init":
+        denoiser = copy.deepcopy(teacher)
+    else:
+        if net_factory is None:
+            kwargs = getattr(teacher.model, "init_kwargs", None)
+            if kwargs is None:
+                raise ConfigError("make_student: pass net_factory; the teacher network has no init_kwargs")
+
+            def net_factory() -> nn.Module:
+                return type(teacher.model)(**kwargs)
+
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            net = net_factory()
+        param = next(teacher.parameters())
+        net = net.to(device=param.device, dtype=param.dtype)
+        denoiser = EDMPrecond(net, sigma_data=getattr(teacher, "sigma_data", 0.5),
+                              sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max,
+                              label_dim=teacher.label_dim)
+    denoiser.train().requires_grad_(True)
+    return OneStepStudent(denoiser, sigma_max=sigma_max)
+
+
+def distill_student(
+    teacher: nn.Module,
+    student: OneStepStudent,
+    config,
+    *,
+    fake_score: nn.Module | None = None,
+    real_data: torch.Tensor | None = None,
+    regression_pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    callbacks: tuple = (),
+    seed: int = 0,
+) -> dict:
+    """Distil ``student`` from ``teacher`` with DMD (:class:`dmdcopy.distill.Distiller`).
+
+    Args:
+        teacher: the real score ``D_real`` (frozen).
+        student: trained in place.
+        config: a :class:`dmdcopy.distill.DistillConfig`; ``num_steps`` generator updates.
+        fake_score: default: a copy of the teacher (an exact teacher needs one passed).
+        real_data: ``(N, ...)`` real samples, the GAN's real side (when ``config.gan``).
+        regression_pairs: ``(z, T(z))`` for the regression loss (when ``config.regression_weight > 0``).
+        callbacks: distiller callbacks.
+        seed: seeds the CPU generator while the distiller is built and run (the GAN head's
+            initialisation draws from it; the distiller's own draws derive from ``config.seed``);
+            the caller's generator state is restored afterwards.
+
+    Returns: ``dict(seconds, generator_updates, fake_score_updates, nonfinite_skipped)``.
+    """
+    from dmdcopy.distill import Distiller
+
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        distiller = Distiller(teacher, student, config=config, fake_score=fake_score, real_data=real_data,
+                              regression_pairs=regression_pairs, callbacks=callbacks)
+        distiller.train()
+    return dict(seconds=time.perf_counter() - t0, generator_updates=distiller.generator_updates,
+                fake_score_updates=distiller.fake_score_updates,
+                nonfinite_skipped=distiller.nonfinite_total)
+
+
+def evaluate_student(
+    G: Callable[[torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    teacher_samples: torch.Tensor,
+    *,
+    exact_samples: torch.Tensor | None = None,
+    quality: Callable[[torch.Tensor], dict] | None = None,
+    n_boot: int = 500,
+    batch: int = 1024,
+) -> tuple[dict, torch.Tensor]:
+    """Measure a student on noises ``z``.
+
+    Args:
+        G: the student ``z -> x``.
+        z: ``(N, ...)`` standard-normal noise, shared with ``teacher_samples``.
+        teacher_samples: ``(N, ...)`` the trained teacher's ``T(z)``.
+        exact_samples: ``(N, ...)`` the exact teacher's map of the same ``z``, when known.
+        quality: ``samples -> dict`` of distribution-quality figures against the exact data.
+
+    Returns: ``(summary, samples)``: ``summary`` holds ``delta_e`` (against the trained teacher),
+    ``delta_e_vs_exact``, ``transport`` (teacher-free), ``quality`` and ``finite``; ``samples`` is
+    ``G(z)`` on the CPU.
+    """
+    with torch.no_grad():
+        s = batched(G, z, batch).detach()
+    finite = bool(torch.isfinite(s).all())
+    out: dict = dict(finite=finite, n=int(z.shape[0]))
+    if not finite:
+        out.update(delta_e=None, delta_e_vs_exact=None, transport=None, quality=None)
+        return out, s.cpu()
+    out["delta_e"] = pairing_summary(s, teacher_samples, n_boot=n_boot)
+    if exact_samples is not None:
+        out["delta_e_vs_exact"] = pairing_summary(s, exact_samples, n_boot=n_boot)
+    out["transport"] = transport_summary(z, s, n_boot=n_boot)
+    out["quality"] = quality(s) if quality is not None else {}
+    return out, s.cpu()

@@ -1,0 +1,281 @@
+"""Writing experiment results: JSON (atomic, NaN-free), text tables, and matplotlib figures.
+
+matplotlib is imported only when a figure is drawn, through the object API (``Figure`` with the
+Agg canvas), so no global pyplot state or display backend is touched. Without matplotlib the
+figure functions raise :class:`~dmdcopy.errors.ConfigError` saying what to install.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmdcopy._atomic import write_atomic
+from dmdcopy.errors import ConfigError
+
+__all__ = [
+    "format_ablation_table",
+    "format_digits_table",
+    "format_sweep_table",
+    "machine_info",
+    "plot_ablations",
+    "plot_bars",
+    "plot_digits",
+    "plot_sweep",
+    "require_matplotlib",
+    "to_jsonable",
+    "write_json",
+]
+
+# Student variants in the order tables and figures show them.
+STUDENT_ORDER = ("teacher_init", "scratch")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Tensors to lists, dataclasses to dicts, non-finite floats to ``None`` (JSON has no NaN)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (int, str, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.dtype | torch.device):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy scalars
+        return to_jsonable(obj.item())
+    return str(obj)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``to_jsonable(obj)`` to ``path`` atomically (temp file + rename); returns the path."""
+    text = json.dumps(to_jsonable(obj), indent=1, allow_nan=False) + "\n"
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be shared
+
+    return write_atomic(path, write)
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """What the numbers were measured on."""
+    device = torch.device(device)
+    info = dict(
+        python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
+        processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(), device=str(device),
+    )
+    if device.type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def require_matplotlib():
+    """Import matplotlib's object API; raise a clear :class:`ConfigError` if it is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ConfigError(
+            "figures need matplotlib: pip install 'dmdcopy[plot]' (or pass --no-plot)"
+        ) from e
+    return Figure, FigureCanvasAgg
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "  n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def format_sweep_table(results: dict) -> str:
+    """A plain-text table of a dimension sweep: one row per (data kind, d, student)."""
+    head = (f"{'data':<18} {'d':>5} {'student':<13} {'Delta E':>8} {'95% interval':>17} "
+            f"{'res.':>5} {'own%':>5} {'teacher ODE err':>15} {'SW student':>10} {'SW teacher':>10}")
+    lines = [head, "-" * len(head)]
+    for point in results["points"]:
+        teacher = point["teacher"]
+        for name in STUDENT_ORDER:
+            if name not in point["students"]:
+                continue
+            st = point["students"][name]
+            de = st["delta_e"]
+            interval = f"[{_fmt(de['ci_low'])}, {_fmt(de['ci_high'])}]"
+            lines.append(
+                f"{point['kind']:<18} {point['dim']:>5} {name:<13} {_fmt(de['delta_e']):>8} {interval:>17} "
+                f"{_fmt(de['resolution'], 2):>5} {100 * (de['own_pair_rate'] or 0):>5.1f} "
+                f"{_fmt(teacher['ode_error']['relative_rmse']):>15} "
+                f"{_fmt(st['quality']['sliced_wasserstein']):>10} "
+                f"{_fmt(teacher['quality']['sliced_wasserstein']):>10}"
+            )
+    return "\n".join(lines)
+
+
+def _errorbars(points: list[dict], kind: str, name: str) -> tuple[list, list, list, list]:
+    dims, ys, lo, hi = [], [], [], []
+    for p in points:
+        if p["kind"] != kind or name not in p["students"]:
+            continue
+        de = p["students"][name]["delta_e"]
+        if de["delta_e"] is None:
+            continue
+        dims.append(p["dim"])
+        ys.append(de["delta_e"])
+        lo.append(de["delta_e"] - (de["ci_low"] if de["ci_low"] is not None else de["delta_e"]))
+        hi.append((de["ci_high"] if de["ci_high"] is not None else de["delta_e"]) - de["delta_e"])
+    return dims, ys, lo, hi
+
+
+def plot_sweep(results: dict, path: str | os.PathLike, *, max_lines: int = 150) -> Path:
+    """Figure of a dimension sweep, saved as PNG at ``path``.
+
+    Top row: Delta E against d (log axis) per data kind, one line per student variant, bars for the
+    bootstrap interval, the teacher-initialised student's Delta E before training (dotted), and the
+    teacher's own Delta E against the exact ODE as a dashed reference.
+    Bottom row (when the sweep has d = 2): for each data kind, the teacher's sample ``T(z)`` (blue)
+    and the teacher-initialised student's ``G(z)`` (orange) of the same noise ``z``, joined by a grey
+    segment: short segments mean the student sends each noise where the teacher does (copying),
+    long crossing ones that it remaps the noise.
+    """
+    Figure, FigureCanvasAgg = require_matplotlib()
+    kinds = list(dict.fromkeys(p["kind"] for p in results["points"]))
+    pairs_2d = results.get("pairs_2d") or {}
+    rows = 2 if pairs_2d else 1
+    fig = Figure(figsize=(4.5 * max(1, len(kinds)), 4.0 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, max(1, len(kinds)), squeeze=False)
+    for j, kind in enumerate(kinds):
+        ax = axes[0][j]
+        for name, marker in zip(STUDENT_ORDER, ("o", "s")):
+            dims, ys, lo, hi = _errorbars(results["points"], kind, name)
+            if dims:
+                ax.errorbar(dims, ys, yerr=[lo, hi], marker=marker, capsize=3, label=f"student: {name}")
+        init = [(p["dim"], p["students"]["teacher_init"].get("delta_e_at_init")) for p in results["points"]
+                if p["kind"] == kind and "teacher_init" in p["students"]]
+        init = [(d, v) for d, v in init if v is not None]
+        if init:
+            ax.plot(*zip(*init), ls=":", marker="x", color="tab:blue", alpha=0.6,
+                    label="teacher_init before DMD")
+        ref = [(p["dim"], p["teacher"]["delta_e_vs_exact"]["delta_e"]) for p in results["points"]
+               if p["kind"] == kind and p["teacher"].get("delta_e_vs_exact", {}).get("delta_e") is not None]
+        if ref:
+            ax.plot(*zip(*ref), "k--", lw=1, label="trained vs exact teacher")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axhline(1, color="grey", lw=0.5, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("dimension d")
+        ax.set_ylabel("Delta E (0 = copies, 1 = random pairing)")
+        ax.set_title(kind)
+        ax.legend(fontsize=8)
+        if rows == 2:
+            ax2 = axes[1][j]
+            pic = pairs_2d.get(kind)
+            if pic is None:
+                ax2.set_axis_off()
+                continue
+            t = pic["teacher"][:max_lines]
+            s = pic["student_teacher_init"][:max_lines]
+            for (tx, ty), (sx, sy) in zip(t, s):
+                ax2.plot([tx, sx], [ty, sy], color="0.75", lw=0.6)
+            ax2.scatter([p[0] for p in t], [p[1] for p in t], s=6, label="teacher T(z)")
+            ax2.scatter([p[0] for p in s], [p[1] for p in s], s=6, label="student G(z)")
+            ax2.set_aspect("equal", adjustable="datalim")
+            ax2.set_title(f"{kind}, d = 2: same noise z")
+            ax2.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def format_ablation_table(results: dict) -> str:
+    """A plain-text table of an ablation run: one row per variant."""
+    head = (f"{'variant':<22} {'Delta E':>8} {'95% interval':>17} {'vs exact':>8} {'transport':>9} "
+            f"{'SW student':>10} {'SW teacher':>10} {'T transport':>11}")
+    lines = [head, "-" * len(head)]
+    for name, rec in results["variants"].items():
+        if not rec["finite"]:
+            lines.append(f"{name:<22} non-finite samples")
+            continue
+        de = rec["delta_e"]
+        interval = f"[{_fmt(de['ci_low'])}, {_fmt(de['ci_high'])}]"
+        lines.append(
+            f"{name:<22} {_fmt(de['delta_e']):>8} {interval:>17} "
+            f"{_fmt(rec['delta_e_vs_exact']['delta_e']):>8} {_fmt(rec['transport']['value']):>9} "
+            f"{_fmt(rec['quality']['sliced_wasserstein']):>10} "
+            f"{_fmt(rec['teacher_quality']['sliced_wasserstein']):>10} "
+            f"{_fmt(rec.get('teacher_transport')):>11}"
+        )
+    return "\n".join(lines)
+
+
+def format_digits_table(results: dict) -> str:
+    """A plain-text table of the digits experiment: one row per (teacher, student)."""
+    head = (f"{'teacher':<14} {'student':<13} {'Delta E':>8} {'95% interval':>17} {'SW held-out':>11} "
+            f"{'memorised':>9} {'teacher SW':>10} {'teacher mem.':>12}")
+    lines = [head, "-" * len(head)]
+    for name, rec in results["teachers"].items():
+        tq = rec["quality"]
+        for init, st in rec["students"].items():
+            if not st["finite"]:
+                lines.append(f"{name:<14} {init:<13} non-finite samples")
+                continue
+            de = st["delta_e"]
+            interval = f"[{_fmt(de['ci_low'])}, {_fmt(de['ci_high'])}]"
+            lines.append(
+                f"{name:<14} {init:<13} {_fmt(de['delta_e']):>8} {interval:>17} "
+                f"{_fmt(st['quality']['sliced_wasserstein_held_out']):>11} "
+                f"{_fmt(st['quality']['memorised_rate'], 2):>9} "
+                f"{_fmt(tq['sliced_wasserstein_held_out']):>10} {_fmt(tq['memorised_rate'], 2):>12}"
+            )
+    return "\n".join(lines)
+
+
+def plot_bars(rows: list[tuple[str, float | None, float | None, float | None]], path: str | os.PathLike,
+              *, title: str) -> Path:
+    """A bar chart of Delta E with interval bars: ``rows`` of ``(label, value, low, high)``."""
+    Figure, FigureCanvasAgg = require_matplotlib()
+    fig = Figure(figsize=(max(4.0, 0.9 * len(rows) + 1.5), 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    labels = [r[0] for r in rows]
+    vals = [r[1] if r[1] is not None else float("nan") for r in rows]
+    lo = [(r[1] - r[2]) if None not in (r[1], r[2]) else 0.0 for r in rows]
+    hi = [(r[3] - r[1]) if None not in (r[1], r[3]) else 0.0 for r in rows]
+    ax.bar(range(len(rows)), vals, yerr=[lo, hi], capsize=3, color="tab:blue")
+    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    ax.axhline(1, color="grey", lw=0.5, ls=":")
+    ax.set_ylabel("Delta E (0 = copies, 1 = random pairing)")
+    ax.set_title(title)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_ablations(results: dict, path: str | os.PathLike) -> Path:
+    """Delta E per ablation variant, with bootstrap intervals."""
+    rows = []
+    for name, rec in results["variants"].items():
+        de = rec["delta_e"] or {}
+        rows.append((name, de.get("delta_e"), de.get("ci_low"), de.get("ci_high")))
+    d = results["data"]
+    return plot_bars(rows, path, title=f"ablations: {d['kind']}, d = {d['dim']}")
+
+
+def plot_digits(results: dict, path: str | os.PathLike) -> Path:
+    """Delta E per digits teacher (convergence levels, memorising) and student init."""
+    rows = []
+    for name, rec in results["teachers"].items():
+        for init, st in rec["students"].items():
+            de = st["delta_e"] or {}
+            rows.append((f"{name}/{init}", de.get("delta_e"), de.get("ci_low"), de.get("ci_high")))
+    res = results["config"]["resolution"]
+    return plot_bars(rows, path, title=f"digits {res}x{res}")
