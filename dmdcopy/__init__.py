@@ -2,12 +2,14 @@
 
 The layers, bottom to top: ``schedules``, ``noise`` -> ``precond``, ``samplers``, ``teachers``,
 ``nets``, ``losses``, ``metrics`` -> ``students``, ``pairs``, ``io`` -> ``distill``,
-``experiments`` -> ``cli``.
+``data``, ``experiments`` -> ``cli``.
 """
 
 from dmdcopy import (
+    data,
     distill,
     errors,
+    experiments,
     io,
     losses,
     metrics,
@@ -69,12 +71,14 @@ __all__ = [
     "VPPrecond",
     "__version__",
     "copy_diagnostics",
+    "data",
     "distill",
     "dmd_sigma_grid",
     "dpmpp_2m",
     "edm_stochastic",
     "errors",
     "euler",
+    "experiments",
     "generate_pairs",
     "heun",
     "io",
