@@ -50,7 +50,10 @@ def check_labels(
         if class_labels.shape[0] != batch:
             raise ShapeError(f"{where}: expected class_labels of shape ({batch},), "
                              f"got {tuple(class_labels.shape)}")
-        if batch and (int(class_labels.min()) < 0 or int(class_labels.max()) >= label_dim):
+        # The range check reads values back to the host: on CPU only, so that a sampler step on an
+        # accelerator makes no host-device sync (there one_hot's device-side assert catches them).
+        on_cpu = class_labels.device.type == "cpu"
+        if on_cpu and batch and (int(class_labels.min()) < 0 or int(class_labels.max()) >= label_dim):
             raise ShapeError(f"{where}: class indices must lie in [0, {label_dim})")
         return torch.nn.functional.one_hot(class_labels.long(), label_dim)
     if class_labels.shape != (batch, label_dim):

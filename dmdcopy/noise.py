@@ -20,14 +20,16 @@ __all__ = ["labels_for_seeds", "noise_for_seeds", "parse_seeds", "split_seeds"]
 # Streams derived from one seed: the noise uses the seed itself, the class label a second stream.
 _LABEL_STREAM = 0x9E3779B97F4A7C15
 _MASK63 = (1 << 63) - 1
+_SEED_LIMIT = 1 << 64
 
 
 def _as_seed_list(seeds: Iterable[int] | torch.Tensor) -> list[int]:
     if isinstance(seeds, torch.Tensor):
         seeds = seeds.tolist()
     out = [int(s) for s in seeds]
-    if any(s < 0 for s in out):
-        raise ConfigError("seeds must be non-negative integers")
+    bad = [s for s in out if not 0 <= s < _SEED_LIMIT]
+    if bad:  # torch.Generator.manual_seed takes 64-bit unsigned seeds only
+        raise ConfigError(f"seeds must be non-negative integers below 2^64, got {bad[0]}")
     return out
 
 

@@ -7,6 +7,8 @@ grid differ in the fourth significant digit and ODE error analysis needs them ex
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from dmdcopy.errors import ConfigError
@@ -34,9 +36,15 @@ def _ramp(n: int) -> torch.Tensor:
     return torch.linspace(0, 1, n, dtype=torch.float64)
 
 
-def _check_n(n: int) -> None:
-    if not isinstance(n, int) or n < 1:
+def _check_n(n: int) -> int:
+    """``n`` as a Python int (numpy and 0-d tensor integers are accepted too) if it is >= 1."""
+    try:
+        value = operator.index(n)  # ints of any kind; refuses floats such as 18.0
+    except TypeError:
+        value = None
+    if value is None or isinstance(n, bool) or value < 1:
         raise ConfigError(f"n must be a positive int (number of steps), got {n!r}")
+    return value
 
 
 def _check_range(sigma_min: float, sigma_max: float) -> None:
@@ -64,7 +72,7 @@ def karras_sigmas(
     >>> karras_sigmas(18)[[0, 17, 18]].tolist()
     [80.0, 0.002, 0.0]
     """
-    _check_n(n)
+    n = _check_n(n)
     _check_range(sigma_min, sigma_max)
     if n == 1:
         return torch.tensor([sigma_max, 0.0], device=device, dtype=dtype)
@@ -88,7 +96,7 @@ def ve_sigmas(
     ``t_i = sigma_max^2 (sigma_min^2 / sigma_max^2)^(i/(n-1))`` and ``sigma = sqrt(t)``, so
     ``sigma_i = sigma_max (sigma_min / sigma_max)^(i/(n-1))``. Returns ``(n + 1,)`` ending in 0.
     """
-    _check_n(n)
+    n = _check_n(n)
     _check_range(sigma_min, sigma_max)
     ramp = _ramp(n)
     t = sigma_max**2 * (sigma_min**2 / sigma_max**2) ** ramp
@@ -121,7 +129,7 @@ def vp_sigmas(
 
     Returns ``(n + 1,)`` ending in 0.
     """
-    _check_n(n)
+    n = _check_n(n)
     if not 0 < eps_s < 1:
         raise ConfigError(f"eps_s must lie in (0, 1), got {eps_s}")
     ramp = _ramp(n)

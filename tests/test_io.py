@@ -154,6 +154,7 @@ def test_save_is_atomic_and_leaves_no_temporary_file(tmp_path):
 def test_mismatch_report_lists_every_offending_key(tmp_path):
     save(EDMPrecond(MLP(2, hidden=16, depth=2)), tmp_path / "a.safetensors")
     other = EDMPrecond(MLP(2, hidden=8, depth=3, label_dim=4))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(CheckpointError) as err:
         load(tmp_path / "a.safetensors", into=other)
     message = str(err.value)
@@ -164,8 +165,9 @@ def test_mismatch_report_lists_every_offending_key(tmp_path):
             assert key in message
     assert "model.blocks.2.fc1.weight" in message and "model.map_label.weight" in message
     assert "[16, 16] vs [8, 8]" in message
-    # strict: nothing was loaded
-    assert torch.equal(other.state_dict()["model.out.bias"], own["model.out.bias"])
+    # strict: nothing was loaded, not even the keys that fit (model.out.bias has shape (2,) in both)
+    assert saved["model.out.bias"].shape == own["model.out.bias"].shape
+    assert all(torch.equal(v, before[k]) for k, v in own.items())
 
 
 def test_non_strict_load_fills_what_fits_and_warns(tmp_path):
@@ -221,6 +223,63 @@ def test_truncated_safetensors(tmp_path):
         (tmp_path / "cut.safetensors").write_bytes(raw[:cut])
         with pytest.raises(CheckpointError, match="truncated safetensors file"):
             load(tmp_path / "cut.safetensors")
+
+
+def _safetensors_bytes(header: dict, payload: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + payload
+
+
+_ONE_TENSOR = {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"w": 1},
+        {"w": {"dtype": "F32", "shape": [1]}},
+        {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}},
+        {"w": {"dtype": "F32", "shape": [1], "data_offsets": "ab"}},
+    ],
+    ids=["entry-not-an-object", "no-data-offsets", "one-offset", "offsets-not-numbers"],
+)
+def test_corrupt_safetensors_header_is_a_checkpoint_error(tmp_path, header):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(_safetensors_bytes(header, bytes(4)))
+    for read in (load, read_metadata, detect_format):
+        with pytest.raises(CheckpointError, match="corrupt header"):
+            read(path)
+
+
+@pytest.mark.parametrize(
+    "arch, match",
+    [
+        ('{"class": "MLP", "kwargs": {"dim": "x"}}', r"cannot build MLP from the recorded options"),
+        ('{"kwargs": {}}', "malformed architecture spec"),
+        ("[1, 2]", "malformed architecture spec"),
+        ('{"class": "EDMPrecond", "kwargs": {}, "children": [1]}', "malformed architecture spec"),
+    ],
+)
+def test_corrupt_architecture_metadata_is_a_checkpoint_error(tmp_path, arch, match):
+    path = tmp_path / "bad.safetensors"
+    header = {"__metadata__": {"dmdcopy.architecture": arch}, **_ONE_TENSOR}
+    path.write_bytes(_safetensors_bytes(header, bytes(4)))
+    with pytest.raises(CheckpointError, match=match):
+        load(path)
+
+
+def test_corrupt_user_metadata_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    header = {"__metadata__": {"dmdcopy.metadata": "{oops"}, **_ONE_TENSOR}
+    path.write_bytes(_safetensors_bytes(header, bytes(4)))
+    with pytest.raises(CheckpointError, match=r"corrupt dmdcopy\.metadata"):
+        read_metadata(path)
+
+
+def test_state_dict_with_non_string_keys_is_described(tmp_path):
+    torch.save({1: torch.zeros(1), "a": [1, 2]}, tmp_path / "mixed.pt")
+    with pytest.raises(CheckpointError, match=r"expected a state dict of tensors, found \['a', 1\]"):
+        load(tmp_path / "mixed.pt", into=nn.Linear(1, 1))
 
 
 def test_safetensors_without_dmdcopy_metadata_needs_into(tmp_path):

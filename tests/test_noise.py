@@ -77,3 +77,10 @@ def test_parse_and_split_seeds():
         split_seeds([1, 2], 3, 3)
     with pytest.raises(ConfigError, match="non-negative"):
         noise_for_seeds([-1], (2,))
+    # torch generators take 64-bit seeds: the largest works, one more is a ConfigError, not an overflow
+    assert noise_for_seeds([2**64 - 1], (2,)).shape == (1, 2)
+    for bad in (2**64, -1):
+        with pytest.raises(ConfigError, match=r"below 2\^64"):
+            noise_for_seeds([0, bad], (2,))
+        with pytest.raises(ConfigError, match=r"below 2\^64"):
+            labels_for_seeds([bad], 3)

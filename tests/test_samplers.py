@@ -97,6 +97,33 @@ def test_stochastic_churn_uses_per_sample_generators(gauss):
         edm_stochastic(gauss, x, sig, S_churn=1.0, generator=[torch.Generator()])
 
 
+@pytest.mark.parametrize(
+    "S_churn, S_min, S_max, S_noise, expected_gamma",
+    [
+        (0.3, 0.0, float("inf"), 1.0, 0.3),  # gamma = S_churn / N, one step here
+        (5.0, 0.0, float("inf"), 1.007, math.sqrt(2) - 1),  # capped at sqrt(2) - 1
+        (0.3, 0.0, 2.5, 1.0, 0.0),  # sigma_0 = 3 lies above S_max: no churn
+        (0.3, 3.5, 10.0, 1.0, 0.0),  # ... or below S_min
+    ],
+)
+def test_churn_step_is_edm_algorithm_2(S_churn, S_min, S_max, S_noise, expected_gamma):
+    """Closed form of one churned step. With D = 0 (data at the origin) a Heun step from sigma_hat to
+    sigma_1 > 0 is exact, x_1 = x_hat sigma_1 / sigma_hat, where x_hat = x + S_noise
+    sqrt(sigma_hat^2 - sigma_0^2) eps (EDM Alg. 2, lines 4-5) and eps is the generator's draw."""
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s0, s1 = 3.0, 1.0
+    seen = []
+    out = edm_stochastic(lambda x, sigma: torch.zeros_like(x), x, [s0, s1], S_churn=S_churn,
+                         S_min=S_min, S_max=S_max, S_noise=S_noise,
+                         generator=torch.Generator().manual_seed(7), callback=seen.append)
+    s_hat = s0 * (1 + expected_gamma)
+    assert seen[0]["sigma_hat"] == pytest.approx(s_hat, rel=1e-15)
+    eps = torch.randn(3, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float32).double()
+    x_hat = x + S_noise * math.sqrt(s_hat**2 - s0**2) * eps
+    torch.testing.assert_close(seen[0]["x"], x_hat, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, x_hat * s1 / s_hat, rtol=1e-12, atol=1e-12)
+
+
 def test_stochastic_sampler_samples_the_data_distribution(gauss):
     """With churn the path is random, but the endpoint law is still N(mu, Sigma)."""
     n = 4000
@@ -248,17 +275,37 @@ def test_device_follows_input_on_the_meta_device(solver):
     assert {(s.type, dt, xd.type) for s, dt, xd in seen} == {("meta", torch.float32, "meta")}
 
 
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda f: f.__name__)
+def test_conditional_steps_read_nothing_back_on_the_meta_device(solver):
+    """Integer class labels on an accelerator: the wrapper's label check must not read values back."""
+    from dmdcopy.nets.mlp import MLP
+    from dmdcopy.precond import EDMPrecond
+
+    D = EDMPrecond(MLP(3, hidden=8, depth=1, emb_dim=4, label_dim=4)).to("meta")
+    x = torch.empty(5, 3, device="meta")
+    labels = torch.empty(5, dtype=torch.long, device="meta")
+    kw = dict(S_churn=10.0) if solver is edm_stochastic else {}
+    out = solver(D, x, karras_sigmas(4), class_labels=labels, **kw)
+    assert out.device.type == "meta" and out.shape == (5, 3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_steps_make_no_host_device_sync():
     T = GaussianMixtureTeacher(torch.randn(4, 3), torch.full((4,), 0.3)).cuda()
     z = torch.randn(8, 3, device="cuda")
     sigmas = karras_sigmas(6)  # on the CPU, as the samplers ask
+    C = GaussianMixtureTeacher(torch.randn(4, 3), torch.full((4,), 0.3), conditional=True).cuda()
+    labels = torch.arange(8, device="cuda") % 4
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for solver in (euler, heun, dpmpp_2m):
             out = teacher_ode(T, z, sigmas, solver=solver)
         gens = [torch.Generator(device="cuda").manual_seed(i) for i in range(8)]
         edm_stochastic(T, 80 * z, sigmas, S_churn=5.0, generator=gens)
+        # class-conditional, with integer labels on the device (the paper's ImageNet setting)
+        for solver in (euler, heun, dpmpp_2m):
+            teacher_ode(C, z, sigmas, solver=solver, class_labels=labels)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.device.type == "cuda" and out.dtype == torch.float32

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,8 +80,13 @@ def test_vp_sigma_inverse():
 def test_grid_errors():
     with pytest.raises(ConfigError, match="sigma_min < sigma_max"):
         karras_sigmas(10, 1.0, 0.5)
-    with pytest.raises(ConfigError, match="positive int"):
-        karras_sigmas(0)
+    for bad in (0, -3, 2.0, True, "18"):
+        with pytest.raises(ConfigError, match="positive int"):
+            karras_sigmas(bad)
+    # integers that are not Python ints (numpy, 0-d tensors) are step counts all the same
+    for n in (np.int64(5), torch.tensor(5)):
+        assert torch.equal(karras_sigmas(n), karras_sigmas(5))
+        assert torch.equal(ve_sigmas(n), ve_sigmas(5)) and torch.equal(vp_sigmas(n), vp_sigmas(5))
     with pytest.raises(ConfigError, match="eps_s"):
         vp_sigmas(10, eps_s=0.0)
 

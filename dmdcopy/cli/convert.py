@@ -47,7 +47,8 @@ def register(subparsers) -> None:
         "--arch",
         choices=_ARCHES,
         default=None,
-        help="architecture of a torch state dict (required for those, ignored for EDM pickles)",
+        help="architecture of a torch state dict (required for those); with an EDM pickle, its weights "
+        "are loaded into this architecture (strictly) instead of the one the pickle records",
     )
     p.add_argument(
         "--prefix",

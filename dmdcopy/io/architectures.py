@@ -158,6 +158,24 @@ def module_spec(module: nn.Module) -> dict[str, Any]:
     return spec
 
 
+def _check_spec(spec: Any) -> None:
+    """Raise CheckpointError unless ``spec`` has the shape :func:`module_spec` writes, recursively."""
+    well_formed = (
+        isinstance(spec, dict)
+        and "class" in spec
+        and isinstance(spec["class"], (str, type(None)))
+        and isinstance(spec.get("kwargs", {}), dict)
+        and isinstance(spec.get("children", {}), dict)
+    )
+    if not well_formed:
+        raise CheckpointError(
+            f"malformed architecture spec {repr(spec)[:200]}: expected an object "
+            '{"class": name, "kwargs": {...}, "children": {...}}'
+        )
+    for child in spec.get("children", {}).values():
+        _check_spec(child)
+
+
 def _custom_classes(spec: dict[str, Any]) -> list[str]:
     if spec.get("class") is None:
         return [str(spec.get("python_class"))]
@@ -166,6 +184,7 @@ def _custom_classes(spec: dict[str, Any]) -> list[str]:
 
 def build_module(spec: dict[str, Any]) -> nn.Module:
     """A freshly initialised module from a spec made by :func:`module_spec`."""
+    _check_spec(spec)
     custom = _custom_classes(spec)
     if custom:
         raise CheckpointError(
@@ -183,7 +202,7 @@ def build_module(spec: dict[str, Any]) -> nn.Module:
     args = [children[name] for name in entry.children]
     try:
         return cls(*args, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # ConfigError is a ValueError too
         raise CheckpointError(f"cannot build {entry.name} from the recorded options {kwargs}: {e}") from e
 
 

@@ -44,7 +44,7 @@ def read_torch_state(
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        what = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+        what = sorted(obj, key=repr)[:10] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: expected a state dict of tensors, found {what}")
     return dict(obj)
 

@@ -427,7 +427,8 @@ def read_edm_pickle(path: str | os.PathLike, *, key: str | None = "ema") -> Pick
     obj = _unpickle(path)
     if isinstance(obj, dict) and key is not None:
         if key not in obj:
-            raise CheckpointError(f"{path}: the pickle has no entry {key!r}; its keys are {sorted(obj)}")
+            keys = sorted(obj, key=repr)
+            raise CheckpointError(f"{path}: the pickle has no entry {key!r}; its keys are {keys}")
         obj = obj[key]
     return _as_module(obj, key or "network")
 

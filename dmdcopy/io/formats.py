@@ -69,7 +69,14 @@ def _safetensors_header(path: Path, head: bytes, size: int) -> dict | None:
         header = json.loads(raw)
     except ValueError as e:
         raise CheckpointError(f"{path}: safetensors file with a corrupt JSON header ({e})") from e
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as e:
+        # valid JSON, but not a header of {name: {dtype, shape, data_offsets: [begin, end]}}
+        raise CheckpointError(
+            f"{path}: safetensors file with a corrupt header: an entry lacks data_offsets [begin, end] "
+            f"({type(e).__name__}: {e})"
+        ) from e
     if size < 8 + n + end:
         raise CheckpointError(
             f"{path}: truncated safetensors file: its header announces {8 + n + end} bytes, "

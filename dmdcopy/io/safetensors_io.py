@@ -127,6 +127,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     fmt = detect_format(path)
     if fmt != SAFETENSORS:
         raise CheckpointError(f"{path}: read_metadata needs a dmdcopy safetensors file, this is {fmt}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get("dmdcopy.metadata", "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the safetensors file: {e}") from e
+    try:
+        return json.loads(meta.get("dmdcopy.metadata", "{}"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupt dmdcopy.metadata (not JSON): {e}") from e
