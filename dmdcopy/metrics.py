@@ -292,7 +292,7 @@ def _default_generator(generator: torch.Generator | None) -> torch.Generator:
 
 def _json_ready(d: dict) -> dict:
     def fix(v):
-        if isinstance(v, float) and math.isnan(v):
+        if isinstance(v, float) and not math.isfinite(v):  # JSON has no NaN or inf
             return None
         if isinstance(v, (tuple, list)):
             return [fix(u) for u in v]
@@ -337,7 +337,7 @@ class PairingResult:
         return self.warning is None
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (floats, ints, strings, lists); NaN becomes ``None`` (JSON null)."""
+        """A JSON-ready dict (floats, ints, strings, lists); NaN or inf becomes ``None`` (JSON null)."""
         return _json_ready(asdict(self))
 
 
@@ -365,7 +365,7 @@ class TransportResult:
     block_std: float
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict; NaN becomes ``None`` (JSON null)."""
+        """A JSON-ready dict; NaN or inf becomes ``None`` (JSON null)."""
         return _json_ready(asdict(self))
 
 

@@ -47,18 +47,31 @@ MANIFEST = "manifest.json"
 _INFO_KEY = "info"
 
 
+def _hash_tensor(h, key: str, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
+    # reshape(-1): a 0-dim tensor (e.g. BatchNorm's num_batches_tracked) cannot be viewed as bytes
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
 def teacher_fingerprint(D: nn.Module) -> str:
-    """SHA-256 of a module's class, ``repr`` (architecture and settings) and every tensor of its
-    state dict, in key order. Device-independent; any change to a weight changes it."""
+    """SHA-256 of a module's class, ``repr`` (architecture and settings), every tensor of its
+    state dict in key order, and its non-persistent buffers (an exact teacher such as
+    :class:`~dmdcopy.teachers.EmpiricalTeacher` keeps its data there). Device-independent; any
+    change to a weight or to such data changes it."""
     if not isinstance(D, nn.Module):
         raise ConfigError(f"teacher_fingerprint: expected an nn.Module, got {type(D).__name__}; "
                           "pass teacher_id= to identify a plain callable")
     h = hashlib.sha256()
     h.update(f"{type(D).__module__}.{type(D).__qualname__}\n{D!r}\n".encode())
-    for key, t in sorted(D.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    state = D.state_dict()
+    for key, t in sorted(state.items()):
+        _hash_tensor(h, key, t)
+    extra = sorted(((k, b) for k, b in D.named_buffers() if k not in state), key=lambda kb: kb[0])
+    if extra:  # only then, so the fingerprints of ordinary networks are unchanged
+        h.update(b"non-persistent buffers\n")
+        for key, t in extra:
+            _hash_tensor(h, key, t)
     return h.hexdigest()
 
 

@@ -364,3 +364,14 @@ def test_convert_torch_state_dict(tmp_path):
     torch.testing.assert_close(
         outputs(load(tmp_path / "out.safetensors"), 3), outputs(net, 3), rtol=0, atol=0
     )
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a temp file; the result must not stay private (0600) like one."""
+    import os
+
+    path = tmp_path / "net.safetensors"
+    save(MLP(2, hidden=8, depth=1), path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

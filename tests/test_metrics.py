@@ -187,6 +187,16 @@ def test_transport_monotone_map_is_optimal_and_reversal_is_not():
     assert r.ci_low <= r.value <= r.ci_high
 
 
+def test_transport_of_a_permuted_copy_is_infinite_and_json_safe():
+    # samples that are the noises themselves, relabelled: E_opt = 0 < E_model, so the ratio is inf
+    z = torch.randn(50, 3, generator=_gen(17))
+    r = transport_inefficiency(z, z[_derangement(50, _gen(18))], n_boot=20)
+    assert r.e_opt == 0.0 and r.e_model > 0 and r.value == math.inf
+    d = r.to_dict()
+    assert d["value"] is None
+    json.dumps(d, allow_nan=False)  # strict JSON: no NaN, no Infinity
+
+
 def test_copy_diagnostics():
     g = _gen(8)
     t = torch.randn(100, 6, generator=g)

@@ -15,7 +15,7 @@ from dmdcopy.noise import labels_for_seeds, noise_for_seeds
 from dmdcopy.pairs import PairStore, generate_pairs, teacher_fingerprint
 from dmdcopy.samplers import euler, heun, teacher_ode
 from dmdcopy.schedules import karras_sigmas
-from dmdcopy.teachers import GaussianMixtureTeacher, GaussianTeacher
+from dmdcopy.teachers import EmpiricalTeacher, GaussianMixtureTeacher, GaussianTeacher
 
 GRID = karras_sigmas(6)
 
@@ -186,6 +186,24 @@ def test_input_errors(tmp_path):
     store.check_teacher(_teacher())
     with pytest.raises(ConfigError, match="another teacher"):
         store.check_teacher(GaussianTeacher(torch.zeros(3), torch.eye(3)))
+
+
+def test_fingerprint_sees_exact_teachers_data_and_scalar_buffers(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(10, 3, generator=g), torch.randn(10, 3, generator=g)
+    # EmpiricalTeacher keeps its data in non-persistent buffers (not in the state dict)
+    assert teacher_fingerprint(EmpiricalTeacher(a)) == teacher_fingerprint(EmpiricalTeacher(a.clone()))
+    assert teacher_fingerprint(EmpiricalTeacher(a)) != teacher_fingerprint(EmpiricalTeacher(b))
+    generate_pairs(EmpiricalTeacher(a), range(4), tmp_path, sigmas=GRID)
+    with pytest.raises(ConfigError, match=r"other settings.*teacher"):
+        generate_pairs(EmpiricalTeacher(b), range(4), tmp_path, sigmas=GRID)
+    # a 0-dim entry in the state dict (BatchNorm's num_batches_tracked) is hashed, not a crash
+    bn = nn.BatchNorm1d(3)
+    before = teacher_fingerprint(bn)
+    bn.num_batches_tracked += 1
+    assert teacher_fingerprint(bn) != before
+    # ordinary networks keep the fingerprint of the state dict alone
+    assert teacher_fingerprint(_teacher()) == teacher_fingerprint(_teacher())
 
 
 def _free_port() -> int:
