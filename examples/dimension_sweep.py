@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dmdcopy.errors import ConfigError
 from dmdcopy.experiments import SWEEP_PRESETS, format_sweep_table, run_dimension_sweep, write_json
 
 torch.set_num_threads(1)
@@ -28,5 +29,5 @@ try:
     from dmdcopy.experiments import plot_sweep
 
     print("wrote", plot_sweep(results, out / "sweep.png"))
-except Exception as e:  # matplotlib is optional
+except ConfigError as e:  # matplotlib is optional; plot_sweep says what to install
     print("no figure:", e)

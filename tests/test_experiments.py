@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dmdcopy.cli import main
+from dmdcopy.cli.demo import _ablation_stages, _digits_stages
 from dmdcopy.data import (
     gaussian_mixture,
     load_digits,
@@ -218,9 +219,24 @@ def test_dimension_sweep_smoke(tmp_path):
     path = write_json(tmp_path / "r.json", results)
     parsed = json.loads(path.read_text())
     assert parsed["points"][0]["students"]["teacher_init"]["delta_e"]["n"] == 24
+    assert parsed["eval_seeds"] == [1_000_000, 1_000_023]  # the 24 noises every figure is measured on
     assert "Delta E" in format_sweep_table(parsed)
     png = plot_sweep(parsed, tmp_path / "sweep.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A student whose samples were not finite (evaluate_student's record) and a sweep without
+    # teacher-initialised students: the table and the figure still come out.
+    p0 = parsed["points"][0]
+    p0["students"]["scratch"] = dict(finite=False, n=24, delta_e=None, delta_e_vs_exact=None,
+                                     transport=None, quality=None, delta_e_at_init=0.5)
+    table = format_sweep_table(parsed)
+    assert f"{p0['kind']:<18} {p0['dim']:>5} {'scratch':<13} non-finite samples" in table
+    for p in parsed["points"]:
+        del p["students"]["teacher_init"]
+    for pic in parsed["pairs_2d"].values():
+        del pic["student_teacher_init"]
+        pic["student_scratch"][0] = [None, None]  # NaN, as JSON writes it
+    assert plot_sweep(parsed, tmp_path / "scratch_only.png").stat().st_size > 0
 
 
 def test_sweep_config_rejects_unknown_names():
@@ -234,11 +250,15 @@ def test_sweep_config_rejects_unknown_names():
 
 @pytest.mark.parametrize("network", ["mlp", "unet"])
 def test_digits_smoke(tmp_path, network):
+    # levels 0.4 and 0.5 of 4 steps both round to step 2: two convergence levels, not three
     cfg = DigitsConfig(network=network, hidden=16, depth=1, unet_channels=8,
-                       teacher=TeacherConfig(steps=4, batch=8, warmup=1), levels=(0.5, 1.0),
+                       teacher=TeacherConfig(steps=4, batch=8, warmup=1), levels=(0.4, 0.5, 1.0),
                        distill=TINY_DISTILL.replace(batch_size=8), num_eval=12, n_boot=10, ode_steps=4)
-    results = run_digits(cfg)
+    messages = []
+    results = run_digits(cfg, progress=messages.append)
+    assert len(messages) == _digits_stages(cfg)  # the demo's progress bar ends exactly full
     assert set(results["teachers"]) == {"step_2", "step_4", "memorising"}
+    assert results["eval_seeds"] == [2_000_000, 2_000_011]
     assert set(results["teachers"]["step_4"]["students"]) == {"teacher_init", "scratch"}
     for rec in results["teachers"].values():
         assert 0 <= rec["quality"]["memorised_rate"] <= 1
@@ -263,22 +283,34 @@ def test_ablations_smoke(tmp_path):
     variants = (Variant(name="baseline"), Variant(name="gan_on", gan=True),
                 Variant(name="regression_on", regression=True), Variant(name="scratch", init="scratch"),
                 Variant(name="early", teacher_level=0.5),
-                Variant(name="memo", memorising=True, init="scratch"))
+                Variant(name="memo", memorising=True, init="scratch"),
+                Variant(name="memo_net", memorising_net=True))
     cfg = AblationConfig(dim=3, variants=variants, hidden=16, depth=1, emb_dim=16, teacher=TINY_TEACHER,
                          distill=TINY_DISTILL, num_train=20, num_pairs=16, ode_steps=8, num_eval=24,
-                         n_boot=10)
-    results = run_ablations(cfg)
+                         n_boot=10, num_train_memorise=5, memorise_teacher=TINY_TEACHER)
+    messages = []
+    results = run_ablations(cfg, progress=messages.append)
+    assert len(messages) == _ablation_stages(cfg)
     assert list(results["variants"]) == [v.name for v in variants]
     assert results["variants"]["early"]["teacher_step"] == 3
+    assert results["eval_seeds"] == [3_000_000, 3_000_023]
+    assert results["regression_pair_seeds"] == [4_000_000, 4_000_015]
     for rec in results["variants"].values():
         assert rec["finite"]
         _check_delta_e(rec["delta_e"])
         assert rec["distill"]["fake_score_updates"] == 5 * rec["distill"]["generator_updates"]
+    mem = results["variants"]["memo_net"]["memorisation"]
+    assert mem["num_train"] == 5 and math.isfinite(mem["teacher_ode_vs_empirical"])
+    for key in ("teacher_memorised_rate", "student_memorised_rate", "same_point_as_empirical"):
+        assert 0 <= mem[key] <= 1
+    assert "memorisation" not in results["variants"]["baseline"]
     parsed = json.loads(write_json(tmp_path / "a.json", results).read_text())
     assert "regression_on" in format_ablation_table(parsed)
     assert plot_ablations(parsed, tmp_path / "a.png").exists()
     with pytest.raises(ConfigError, match="distinct names"):
         AblationConfig(variants=(Variant(name="a"), Variant(name="a")))
+    with pytest.raises(ConfigError, match="exclude each other"):
+        Variant(name="a", memorising=True, memorising_net=True)
 
 
 # --- report and CLI --------------------------------------------------------------------------
@@ -315,6 +347,9 @@ def test_cli_demo_bad_arguments_give_one_line_errors(tmp_path, capsys):
     assert "--dims" in capsys.readouterr().err
     assert main(["demo", "--kinds", "swiss_roll", "--out", str(tmp_path), "--no-progress"]) == 1
     assert "unknown data kind" in capsys.readouterr().err
+    assert main(["demo", "--device", "gpu", "--out", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device 'gpu'" in err[0]  # one line, no traceback
 
 
 def test_cli_demo_all_experiments_tiny(tmp_path):

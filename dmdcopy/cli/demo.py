@@ -46,9 +46,11 @@ def register(subparsers) -> None:
                    help="what to run (default: the dimension sweep)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--out", default="dmdcopy-demo", help="output folder (default: ./dmdcopy-demo)")
-    p.add_argument("--dims", default=None, help="comma-separated dimensions (default: the preset's)")
+    p.add_argument("--dims", default=None,
+                   help="comma-separated dimensions (default: the preset's; ablations use the first)")
     p.add_argument("--kinds", default=None,
-                   help="comma-separated data kinds: power_law_gaussian,gaussian_mixture")
+                   help="comma-separated data kinds: power_law_gaussian,gaussian_mixture "
+                        "(ablations use the first)")
     p.add_argument("--students", default=None, help="comma-separated: teacher_init,scratch")
     p.add_argument("--seed", type=int, default=0, help="base seed of data, teachers and students")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (preset's)")
@@ -137,6 +139,22 @@ def _run_sweep(args: argparse.Namespace, device, out: Path) -> dict:
     return results
 
 
+def _digits_stages(config) -> int:
+    """Progress messages :func:`run_digits` sends: the teacher; per convergence level its map, its
+    teacher-initialised student and (last level) the scratch student; the memorising teacher's map
+    and its scratch student."""
+    n_levels = len(config.level_steps())
+    per_level = sum(2 + (1 if config.scratch and i == n_levels - 1 else 0) for i in range(n_levels))
+    return 1 + per_level + ((1 + int(config.scratch)) if config.memorising else 0)
+
+
+def _ablation_stages(config) -> int:
+    """Progress messages :func:`run_ablations` sends: the teacher, the memorising network teacher
+    when a variant uses one, and each variant."""
+    extra = int(any(getattr(v, "memorising_net", False) for v in config.variants))
+    return 1 + extra + len(config.variants)
+
+
 def _run_digits(args: argparse.Namespace, device, out: Path) -> dict:
     from dmdcopy.experiments.digits import DIGITS_PRESETS, run_digits
     from dmdcopy.experiments.report import format_digits_table, plot_digits, write_json
@@ -148,9 +166,7 @@ def _run_digits(args: argparse.Namespace, device, out: Path) -> dict:
     if args.network is not None:
         changes["network"] = args.network
     config = dataclasses.replace(config, **changes)
-    total = 1 + sum(1 + (2 if config.scratch and i == len(config.levels) - 1 else 1)
-                    for i in range(len(config.level_steps()))) + (2 if config.memorising else 0)
-    progress, close = _progress_bar(total, not args.no_progress, "digits")
+    progress, close = _progress_bar(_digits_stages(config), not args.no_progress, "digits")
     try:
         results = run_digits(config, device=device, progress=progress)
     finally:
@@ -176,7 +192,7 @@ def _run_ablations(args: argparse.Namespace, device, out: Path) -> dict:
     if args.kinds:
         changes["kind"] = args.kinds.split(",")[0].strip()
     config = dataclasses.replace(config, **changes)
-    progress, close = _progress_bar(1 + len(config.variants), not args.no_progress, "ablations")
+    progress, close = _progress_bar(_ablation_stages(config), not args.no_progress, "ablations")
     try:
         results = run_ablations(config, device=device, progress=progress)
     finally:
@@ -195,7 +211,10 @@ def run(args: argparse.Namespace) -> int:
 
     from dmdcopy.errors import ConfigError
 
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but torch sees no CUDA device")
     if args.threads is not None:

@@ -241,6 +241,7 @@ def run_digits(
     final = f"step_{steps[-1]}"
     return dict(
         experiment="digits", config=config.to_dict(), machine=machine_info(device),
+        eval_seeds=[EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + config.num_eval - 1],  # first, last
         teacher_train=trained.summary(), held_out_floor=floor, final_level=final, teachers=teachers,
         seconds=time.perf_counter() - t0, timings=timer.seconds,
         note=None if config.network == "unet" else "network: MLP on flattened images",

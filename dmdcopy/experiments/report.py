@@ -111,6 +111,9 @@ def format_sweep_table(results: dict) -> str:
                 continue
             st = point["students"][name]
             de = st["delta_e"]
+            if not st["finite"] or de is None:
+                lines.append(f"{point['kind']:<18} {point['dim']:>5} {name:<13} non-finite samples")
+                continue
             interval = f"[{_fmt(de['ci_low'])}, {_fmt(de['ci_high'])}]"
             lines.append(
                 f"{point['kind']:<18} {point['dim']:>5} {name:<13} {_fmt(de['delta_e']):>8} {interval:>17} "
@@ -128,7 +131,7 @@ def _errorbars(points: list[dict], kind: str, name: str) -> tuple[list, list, li
         if p["kind"] != kind or name not in p["students"]:
             continue
         de = p["students"][name]["delta_e"]
-        if de["delta_e"] is None:
+        if de is None or de["delta_e"] is None:  # None: the student's samples were not finite
             continue
         dims.append(p["dim"])
         ys.append(de["delta_e"])
@@ -144,7 +147,8 @@ def plot_sweep(results: dict, path: str | os.PathLike, *, max_lines: int = 150) 
     bootstrap interval, the teacher-initialised student's Delta E before training (dotted), and the
     teacher's own Delta E against the exact ODE as a dashed reference.
     Bottom row (when the sweep has d = 2): for each data kind, the teacher's sample ``T(z)`` (blue)
-    and the teacher-initialised student's ``G(z)`` (orange) of the same noise ``z``, joined by a grey
+    and the teacher-initialised student's ``G(z)`` (orange; without that student, the one from
+    scratch) of the same noise ``z``, joined by a grey
     segment: short segments mean the student sends each noise where the teacher does (copying),
     long crossing ones that it remaps the noise.
     """
@@ -184,12 +188,17 @@ def plot_sweep(results: dict, path: str | os.PathLike, *, max_lines: int = 150) 
             if pic is None:
                 ax2.set_axis_off()
                 continue
+            # the teacher-initialised student when there is one, else the first student drawn
+            who = next((k for k in ("student_teacher_init", "student_scratch") if k in pic),
+                       next((k for k in pic if k.startswith("student_")), None))
             t = pic["teacher"][:max_lines]
-            s = pic["student_teacher_init"][:max_lines]
+            s = pic[who][:max_lines] if who is not None else []
             for (tx, ty), (sx, sy) in zip(t, s):
                 ax2.plot([tx, sx], [ty, sy], color="0.75", lw=0.6)
             ax2.scatter([p[0] for p in t], [p[1] for p in t], s=6, label="teacher T(z)")
-            ax2.scatter([p[0] for p in s], [p[1] for p in s], s=6, label="student G(z)")
+            if who is not None:
+                ax2.scatter([p[0] for p in s], [p[1] for p in s], s=6,
+                            label=f"student G(z) ({who.removeprefix('student_')})")
             ax2.set_aspect("equal", adjustable="datalim")
             ax2.set_title(f"{kind}, d = 2: same noise z")
             ax2.legend(fontsize=8)

@@ -247,7 +247,8 @@ def run_dimension_sweep(
 
     ``progress(message)`` is called at the start of each stage (teacher, each student) of each
     point; the total number of stages is ``len(kinds) * len(dims) * (1 + len(students))``.
-    The result holds ``config``, ``machine``, ``points`` (one per kind and d), ``pairs_2d`` (for
+    The result holds ``config``, ``machine``, ``eval_seeds`` (first and last evaluation seed, the
+    noises every Delta E is measured on), ``points`` (one per kind and d), ``pairs_2d`` (for
     d = 2: the first ``pairs_2d`` teacher and student samples of the same noise) and ``seconds``.
     """
     t0 = time.perf_counter()
@@ -264,5 +265,6 @@ def run_dimension_sweep(
                     pairs_2d[kind][f"student_{init}"] = samples[init][:k]
     return dict(
         experiment="dimension_sweep", config=config.to_dict(), machine=machine_info(device),
+        eval_seeds=[EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + config.num_eval - 1],  # first, last
         points=points, pairs_2d=pairs_2d, seconds=time.perf_counter() - t0,
     )
