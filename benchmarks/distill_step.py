@@ -8,8 +8,15 @@ ratio ``steps/s(Distiller) / steps/s(reference)`` is the price of the Distiller'
 
     OMP_NUM_THREADS=1 python benchmarks/distill_step.py --append docs/performance.md
     OMP_NUM_THREADS=1 python benchmarks/distill_step.py --net unet   # a small SongUNet, 16x16
+    python benchmarks/distill_step.py --net imagenet64 --device cuda --batch 40 --steps 5 --rounds 5
 
 On CUDA (``--device cuda``) the Distiller runs under bf16 autocast; the reference loop does too.
+``--net imagenet64`` is EDM's class-conditional ImageNet-64 ADM network (296M parameters, dropout 0
+as DMD2's students, random weights; 40 samples per GPU is DMD2's per-GPU batch). On CUDA the script
+also reports the Distiller's generator samples/s, its peak memory (reference loop freed first) and
+its model FLOP utilisation: FLOPs of one step counted by ``torch.utils.flop_counter`` (matmuls,
+convolutions, attention; forward and backward) times steps/s over the GPU's dense bf16 peak
+(``--peak-tflops``; H100 / H200 SXM: 989).
 """
 
 from __future__ import annotations
@@ -35,6 +42,11 @@ def make_nets(kind: str, device: torch.device):
     torch.manual_seed(0)
     if kind == "mlp":
         teacher = EDMPrecond(MLP(2, hidden=256, depth=3))
+    elif kind == "imagenet64":
+        from dmdcopy.io import edm_imagenet64_adm
+        from dmdcopy.nets.unet import DhariwalUNet
+
+        teacher = EDMPrecond(DhariwalUNet(**edm_imagenet64_adm(dropout=0.0)))
     else:
         from dmdcopy.nets.unet import SongUNet
 
@@ -60,6 +72,14 @@ class ReferenceLoop:
                                    device=device, dtype=torch.float64)
         self.gen = torch.Generator(device=device).manual_seed(0)
         self.shape = (cfg.batch_size, *teacher.sample_shape)
+        self.label_dim = int(getattr(teacher, "label_dim", 0))
+
+    def _labels(self) -> dict:
+        """``class_labels=`` drawn uniformly for a conditional teacher, else nothing."""
+        if not self.label_dim:
+            return {}
+        return {"class_labels": torch.randint(self.label_dim, (self.shape[0],), generator=self.gen,
+                                              device=self.device)}
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -76,25 +96,25 @@ class ReferenceLoop:
     def step(self) -> None:
         cfg = self.cfg
         for _ in range(cfg.fake_score_steps):
-            z = torch.randn(self.shape, generator=self.gen, device=self.device)
+            z, c = torch.randn(self.shape, generator=self.gen, device=self.device), self._labels()
             with torch.no_grad(), self._autocast():
-                x = self.G(z).float()
+                x = self.G(z, **c).float()
             sigma = self._sigma(*cfg.fake_score_k_range)
             x_t = x + self._view(sigma) * torch.randn(self.shape, generator=self.gen, device=self.device)
             self.opt_f.zero_grad(set_to_none=True)
             with self._autocast():
-                loss = dsm_loss(self.F(x_t, sigma), x, sigma, sigma_data=cfg.sigma_data).mean()
+                loss = dsm_loss(self.F(x_t, sigma, **c), x, sigma, sigma_data=cfg.sigma_data).mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.F.parameters(), cfg.grad_clip)
             self.opt_f.step()
-        z = torch.randn(self.shape, generator=self.gen, device=self.device)
+        z, c = torch.randn(self.shape, generator=self.gen, device=self.device), self._labels()
         self.opt_g.zero_grad(set_to_none=True)
         with self._autocast():
-            x = self.G(z).float()
+            x = self.G(z, **c).float()
         sigma = self._sigma(*cfg.generator_k_range)
         x_t = x.detach() + self._view(sigma) * torch.randn(self.shape, generator=self.gen, device=self.device)
         with torch.no_grad(), self._autocast():
-            g = dmd_direction(x, self.T(x_t, sigma), self.F(x_t, sigma))
+            g = dmd_direction(x, self.T(x_t, sigma, **c), self.F(x_t, sigma, **c))
         dmd_surrogate_loss(x, g).mean().backward()
         torch.nn.utils.clip_grad_norm_(self.G.parameters(), cfg.grad_clip)
         self.opt_g.step()
@@ -114,14 +134,42 @@ def _rate(step, n: int, device: torch.device) -> float:
     return n / (time.perf_counter() - t0)
 
 
+_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM parts
+
+
+def cuda_figures(step, args, cfg: DistillConfig, device: torch.device) -> list[str]:
+    """Samples/s, peak memory and model FLOP utilisation of the Distiller's step on a GPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    torch.cuda.reset_peak_memory_stats(device)
+    rate = _rate(step, args.steps, device)
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    name = torch.cuda.get_device_name(device)
+    peak = args.peak_tflops or next((v for k, v in _BF16_PEAK_TFLOPS.items() if k in name), None)
+    achieved = flops * rate / 1e12
+    mfu = f"{100 * achieved / peak:.1f} % of {peak:g} TFLOP/s" if peak else "unknown peak (--peak-tflops)"
+    return [
+        f"- GPU: {name}; Distiller alone: {rate:.3f} steps/s = {rate * cfg.batch_size:.1f} generator "
+        f"samples/s ({rate * cfg.batch_size * (cfg.fake_score_steps + 1):.1f} samples/s through "
+        "student + fake score)",
+        f"- peak memory {peak_gib:.1f} GiB (torch.cuda.max_memory_allocated); {flops / 1e12:.2f} TFLOP per "
+        f"step (flop_counter), {achieved:.1f} TFLOP/s achieved: MFU {mfu}",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--net", choices=("mlp", "unet"), default="mlp")
+    parser.add_argument("--net", choices=("mlp", "unet", "imagenet64"), default="mlp")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds (median reported)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense bf16 peak of the GPU for the MFU figure (default: known GPUs)")
     parser.add_argument("--append", metavar="MD", help="append the result as a section of this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -154,6 +202,10 @@ def main() -> None:
         f"- ratio Distiller / reference: median {statistics.median(ratios):.3f} "
         f"(per-round range {ratios[0]:.3f} - {ratios[-1]:.3f}, {args.rounds} rounds of {args.steps} steps)",
     ]
+    if device.type == "cuda":
+        del ref  # the Distiller's own memory and FLOPs only from here on
+        torch.cuda.empty_cache()
+        lines += cuda_figures(distiller_step, args, cfg, device)
     print("\n".join(lines))
     if args.append:
         with open(args.append, "a") as f:

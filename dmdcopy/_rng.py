@@ -97,6 +97,8 @@ def hash_rows(x: torch.Tensor) -> torch.Tensor:
 
     Equal rows give equal keys whatever the batch they sit in.
     """
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64, device=x.device)
     bits = x.detach().reshape(x.shape[0], -1).to(torch.float32).contiguous().view(torch.int32)
     bits = bits.to(torch.int64) & 0xFFFFFFFF
     n = bits.shape[1]

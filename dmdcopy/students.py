@@ -96,10 +96,10 @@ def student_noise(z: torch.Tensor, num: int) -> torch.Tensor:
 
     ``z: (B, ...)`` -> ``(num, B, ...)``; row ``b`` depends on ``z[b]`` only.
     """
-    keys = _rng.hash_rows(z)  # (B,) int64, one key per sample
     B = z.shape[0]
     if num == 0 or B == 0:
         return z.new_zeros((num, *z.shape))
+    keys = _rng.hash_rows(z)  # (B,) int64, one key per sample
     # One counter-based stream per sample: index = its key, elements = num * per-sample size.
     per = z[0].numel()
     n = _rng.normal(_rng.derive_key(0x5EED), keys, (num * per,), dtype=torch.float32)  # (B, num*per)

@@ -77,9 +77,14 @@ def test_config_defaults_are_dmd2_imagenet():
     (dict(gan=True), "gan_feature_module"),
     (dict(regression_loss="l1"), "regression_loss"),
     (dict(weight_decay=float("nan")), "weight_decay"),
+    (dict(betas="0.9"), "betas"),              # a string is no pair (was a bare ValueError)
+    (dict(generator_k_range=20), "generator_k_range"),  # was a bare TypeError
+    (dict(gan="false"), "gan"),                # a TOML string would have switched the GAN on
+    (dict(mixed_precision="no"), "mixed_precision"),
+    (dict(seed=True), "seed"),
 ])
 def test_invalid_config_names_the_field(changes, field):
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(ConfigError, match=rf"^{field} must"):
         DistillConfig(**changes)
 
 
@@ -107,6 +112,23 @@ def test_bad_setups_fail_before_the_first_step():
         Distiller(gmm(), OneStepStudent(net()), fake_score=net(), config=small_config(regression_weight=1.0))
     with pytest.raises(ConfigError, match="label_dim"):
         Distiller(gmm(conditional=True), OneStepStudent(net()), fake_score=net(4), config=cfg)
+    # The fake score is checked too (it used to fail only inside the first fake-score step).
+    with pytest.raises(ConfigError, match=r"fake_score\.label_dim"):
+        Distiller(gmm(conditional=True), OneStepStudent(net(4)), fake_score=net(), config=cfg)
+    with pytest.raises(ConfigError, match=r"fake_score\.sample_shape"):
+        Distiller(gmm(), OneStepStudent(net()), fake_score=EDMPrecond(MLP(3, hidden=8, depth=1)), config=cfg)
+
+
+def test_shared_parameters_are_refused():
+    teacher = net()
+    for kw in (dict(student=OneStepStudent(net()), fake_score=teacher),  # would train the teacher
+               dict(student=OneStepStudent(teacher), fake_score=net())):
+        with pytest.raises(ConfigError, match="share parameters"):
+            Distiller(teacher, config=small_config(), **kw)
+        assert all(p.requires_grad for p in teacher.parameters())  # refused before any change
+    fake = net()
+    with pytest.raises(ConfigError, match="student and fake_score share"):
+        Distiller(gmm(), OneStepStudent(fake), fake_score=fake, config=small_config())
 
 
 def test_fake_score_defaults_to_a_copy_of_the_teacher():
@@ -225,6 +247,21 @@ def test_gan_trains_the_discriminator_and_logs(tmp_path):
     assert records[-1]["fake_score_updates"] == 20
 
 
+def test_gan_generator_term_trains_only_the_student(tmp_path):
+    # dmd_weight = 0: the generator update is driven by the GAN term alone, so it must reach the
+    # student through the hooked fake-score features, and leave no gradient on fake score or head.
+    d = _gan_setup(tmp_path, dmd_weight=0.0, gan_generator_weight=1.0)
+    student_before = [p.clone() for p in d.student.parameters()]
+    fake_before = [p.clone() for p in d.fake_score.parameters()]
+    head_before = [p.clone() for p in d.discriminator.parameters()]
+    record = d.generator_step()
+    assert not record.skipped and record.gan_loss > 0 and record.grad_norm > 0
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, d.student.parameters()))
+    for before, module in ((fake_before, d.fake_score), (head_before, d.discriminator)):
+        for a, p in zip(before, module.parameters()):
+            assert torch.equal(a, p) and p.grad is None and p.requires_grad
+
+
 # --- checkpoints --------------------------------------------------------------------------------
 
 
@@ -255,6 +292,22 @@ def test_resume_after_interruption_is_bit_exact(tmp_path):
         assert torch.equal(ref[k], got[k]), (stop_at, k)
     log = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert log == [2, 4, 6, 7]  # records after the restored step were dropped, then rewritten
+
+
+def test_resume_before_the_first_checkpoint_restarts_the_log(tmp_path):
+    def interrupt(distiller, step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    cfg = small_config(num_steps=3, log_every=1, checkpoint_every=1000)
+    first = Distiller(gmm(), OneStepStudent(net()), fake_score=net(), out_dir=tmp_path, config=cfg,
+                      callbacks=[interrupt])
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    again = Distiller(gmm(), OneStepStudent(net()), fake_score=net(), out_dir=tmp_path, config=cfg)
+    again.train(resume="latest")  # no checkpoint yet: a fresh start, so the old records go
+    log = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3]
 
 
 def test_truncated_checkpoint_is_never_resumed(tmp_path):
@@ -306,6 +359,32 @@ def test_nan_is_skipped_and_counted():
     assert (d.nonfinite_total, d.generator_updates, d.fake_score_updates, d.step) == (1, 3, 20, 4)
     assert all(torch.isfinite(p).all() for p in student.parameters())
     assert all(torch.isfinite(p).all() for p in d.ema_student.parameters())
+
+
+class PoisonedSamples(nn.Module):
+    """Wraps a student; its no-grad forward (the fake-score steps' samples) returns NaN on call ``at``."""
+
+    def __init__(self, inner, at):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+        self.sample_shape = inner.sample_shape
+
+    def forward(self, z, class_labels=None):
+        x = self.inner(z, class_labels)
+        if not torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.at:
+                x = x * float("nan")
+        return x
+
+
+def test_nan_in_a_fake_score_update_is_skipped_and_counted():
+    student = PoisonedSamples(OneStepStudent(net()), at=4)  # call 1 is the Distiller's shape probe
+    d = Distiller(gmm(), student, fake_score=net(), config=small_config(num_steps=2))
+    d.train()
+    assert (d.nonfinite_total, d.fake_score_updates, d.generator_updates) == (1, 9, 2)
+    assert d.nonfinite_in_a_row == {"generator": 0, "fake_score": 0}
+    assert all(torch.isfinite(p).all() for p in d.fake_score.parameters())
 
 
 def test_nan_in_a_row_stops_with_a_clear_error():

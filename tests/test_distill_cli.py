@@ -65,6 +65,24 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     assert main(["distill", str(write(tmp_path, extra="generator_lr = -1.0"))]) == 1
     assert "generator_lr must be > 0" in capsys.readouterr().err
     assert main(["distill", str(tmp_path / "missing.toml")]) == 1
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda spec: spec["student"].update(sigmas="80"), "sigmas must be a non-empty array"),
+    (lambda spec: spec["student"].update(sigmas=[]), "sigmas must be a non-empty array"),
+    (lambda spec: spec["student"].update(hidden="wide"), "hidden must be an integer"),
+    (lambda spec: spec.update(distill=5), r"\[distill\] must be a table"),
+    (lambda spec: spec["teacher"].update(means=[[0.0, 1.0], [2.0]]), "must be numbers"),
+    (lambda spec: spec.update(device="gpu0"), "not a torch device"),
+    (lambda spec: spec["distill"].update(betas="0.9, 0.99"), "betas must be a pair"),
+])
+def test_malformed_values_are_config_errors(tmp_path, edit, message):
+    # Each of these used to escape as a bare ValueError / TypeError / IndexError / RuntimeError.
+    spec = load_toml(write(tmp_path))
+    edit(spec)
+    with pytest.raises(ConfigError, match=message):
+        build_run(spec)
 
 
 def test_build_run_from_a_saved_teacher(tmp_path):

@@ -68,6 +68,12 @@ def test_backward_simulation_differentiates_only_the_trained_step():
         torch.testing.assert_close(a, p.grad)
 
 
+def test_empty_batch():
+    G = MultiStepStudent(_denoiser(), (80.0, 1.0))
+    assert G(torch.zeros(0, 3)).shape == (0, 3)  # hash_rows used to fail on zero rows
+    assert _rng.hash_rows(torch.zeros(0, 2)).shape == (0,)
+
+
 def test_default_renoise_depends_on_the_sample_only():
     z = torch.randn(6, 2, 3)
     n = student_noise(z, 2)

@@ -104,14 +104,33 @@ def _read_tensors(path: str, names: tuple[str, ...], where: str):
     return data
 
 
-def _mlp_denoiser(table: Mapping[str, Any], dim_shape, label_dim: int):
+def _int(table: Mapping[str, Any], key: str, default: int, where: str) -> int:
+    from dmdcopy.errors import ConfigError
+
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} {key} must be an integer, got {value!r}")
+    return value
+
+
+def _floats(value: Any, where: str) -> list[float]:
+    """A non-empty TOML array of numbers as floats."""
+    from dmdcopy.errors import ConfigError
+
+    if (not isinstance(value, list) or not value
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+        raise ConfigError(f"{where} must be a non-empty array of numbers, got {value!r}")
+    return [float(v) for v in value]
+
+
+def _mlp_denoiser(table: Mapping[str, Any], dim_shape, label_dim: int, where: str):
     from dmdcopy.errors import ConfigError
     from dmdcopy.nets import MLP
     from dmdcopy.precond import EDMPrecond
 
     if len(dim_shape) != 1:
         raise ConfigError(f"init = 'mlp' needs vector data, the teacher's samples have shape {dim_shape}")
-    hidden, depth = int(table.get("hidden", 128)), int(table.get("depth", 3))
+    hidden, depth = _int(table, "hidden", 128, where), _int(table, "depth", 3, where)
     return EDMPrecond(MLP(dim_shape[0], hidden=hidden, depth=depth, label_dim=label_dim))
 
 
@@ -128,6 +147,9 @@ def build_run(spec: Mapping[str, Any], *, device=None, progress: bool | None = N
     for name in ("teacher", "student", "fake_score", "distill"):
         if name not in spec:
             raise ConfigError(f"config file: missing table [{name}]")
+    for name in ("teacher", "student", "fake_score", "distill") + (("pairs",) if "pairs" in spec else ()):
+        if not isinstance(spec[name], Mapping):
+            raise ConfigError(f"config file: [{name}] must be a table, got {spec[name]!r}")
     dist_table = dict(spec["distill"])
     if progress is False:
         dist_table["progress_bar"] = False
@@ -147,12 +169,16 @@ def build_run(spec: Mapping[str, Any], *, device=None, progress: bool | None = N
         for key in ("means", "stds"):
             if key not in t:
                 raise ConfigError(f"[teacher] kind = 'gmm' needs {key}")
-        teacher = GaussianMixtureTeacher(torch.tensor(t["means"]), torch.tensor(t["stds"]),
-                                         torch.tensor(t["weights"]) if "weights" in t else None,
-                                         bool(t.get("conditional", False)),
-                                         sigma_max=float(t.get("sigma_max", 80.0)))
+        try:
+            means, stds = torch.tensor(t["means"]), torch.tensor(t["stds"])
+            weights = torch.tensor(t["weights"]) if "weights" in t else None
+            sigma_max = float(t.get("sigma_max", 80.0))
+        except (TypeError, ValueError) as e:  # ragged or non-numeric arrays
+            raise ConfigError(f"[teacher] means / stds / weights / sigma_max must be numbers: {e}") from None
+        teacher = GaussianMixtureTeacher(means, stds, weights, bool(t.get("conditional", False)),
+                                         sigma_max=sigma_max)
         if config.gan:
-            n = int(t.get("real_samples", 4096))
+            n = _int(t, "real_samples", 4096, "[teacher]")
             gen = torch.Generator().manual_seed(config.seed)
             if teacher.label_dim:
                 labels = torch.randint(teacher.label_dim, (n,), generator=gen)
@@ -183,7 +209,7 @@ def build_run(spec: Mapping[str, Any], *, device=None, progress: bool | None = N
                               "use init = 'mlp' for an exact teacher")
         denoiser = copy.deepcopy(teacher).requires_grad_(True)
     elif init == "mlp":
-        denoiser = _mlp_denoiser(s, shape, label_dim)
+        denoiser = _mlp_denoiser(s, shape, label_dim, "[student]")
     elif init == "checkpoint":
         from dmdcopy.io import load
 
@@ -195,7 +221,7 @@ def build_run(spec: Mapping[str, Any], *, device=None, progress: bool | None = N
     if isinstance(denoiser, (OneStepStudent, MultiStepStudent)):
         student = denoiser  # a saved student is used as it is
     else:
-        sigmas = [float(v) for v in s.get("sigmas", [config.sigma_max])]
+        sigmas = _floats(s.get("sigmas", [config.sigma_max]), "[student] sigmas")
         student = (OneStepStudent(denoiser, sigmas[0]) if len(sigmas) == 1
                    else MultiStepStudent(denoiser, sigmas))
     out["student"] = student
@@ -207,7 +233,7 @@ def build_run(spec: Mapping[str, Any], *, device=None, progress: bool | None = N
     if finit == "teacher":
         out["fake_score"] = None  # the Distiller copies the teacher (and says so if it cannot)
     elif finit == "mlp":
-        out["fake_score"] = _mlp_denoiser(f, shape, label_dim)
+        out["fake_score"] = _mlp_denoiser(f, shape, label_dim, "[fake_score]")
     else:
         raise ConfigError(f"[fake_score] init must be 'teacher' or 'mlp', got {finit!r}")
 
@@ -222,7 +248,11 @@ def build_run(spec: Mapping[str, Any], *, device=None, progress: bool | None = N
     dev = device or spec.get("device", "auto")
     if dev == "auto":
         dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-    out["device"] = torch.device(dev)
+    try:
+        out["device"] = torch.device(dev)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device: {dev!r} is not a torch device (e.g. 'cpu', 'cuda:0', 'auto'): {e}"
+                          ) from None
     return out
 
 

@@ -96,9 +96,17 @@ class DistillConfig:
     tensorboard: bool = False         # also write TensorBoard scalars (needs `tensorboard`)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        for name in ("generator_k_range", "fake_score_k_range", "gan_k_range"):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        # Normalise sequences (TOML and JSON give lists); a value that is no sequence of numbers is a
+        # ConfigError naming the field, not a bare ValueError / TypeError from float() or int().
+        for name, cast in (("betas", float), ("generator_k_range", int), ("fake_score_k_range", int),
+                           ("gan_k_range", int)):
+            value = getattr(self, name)
+            try:
+                if isinstance(value, (str, bytes)) or any(isinstance(v, (bool, str)) for v in value):
+                    raise TypeError
+                object.__setattr__(self, name, tuple(cast(v) for v in value))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a pair of numbers, got {value!r}") from None
         self.validate()
 
     def validate(self) -> None:
@@ -121,7 +129,10 @@ class DistillConfig:
         for name in ("num_steps", "batch_size", "fake_score_steps", "num_sigmas", "log_every",
                      "checkpoint_every", "keep_checkpoints", "max_nonfinite_in_a_row"):
             positive_int(name)
-        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "an int >= 0")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed",
+             "an int >= 0")
+        for name in ("gan", "mixed_precision", "compile", "progress_bar", "tensorboard"):
+            need(isinstance(getattr(self, name), bool), name, "true or false")
         for name in ("generator_lr", "fake_score_lr", "sigma_min", "sigma_data", "rho"):
             finite(name, 0.0)
         finite("weight_decay", 0.0, strict=False)

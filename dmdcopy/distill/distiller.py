@@ -115,6 +115,20 @@ def _bview(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
 
 
+def _check_unshared(**modules: object) -> None:
+    """Teacher, student and fake score must not share a parameter: freezing the teacher would freeze
+    the student, and training the fake score would silently train the teacher (pass copies)."""
+    owner: dict[int, str] = {}
+    for name, module in modules.items():
+        if not isinstance(module, nn.Module):
+            continue
+        for p in module.parameters():
+            other = owner.setdefault(id(p), name)
+            if other != name:
+                raise ConfigError(f"{other} and {name} share parameters; give each its own copy, e.g. "
+                                  f"copy.deepcopy(teacher)")
+
+
 class Distiller:
     """Distil ``teacher`` into ``student`` with DMD / DMD2.
 
@@ -173,6 +187,7 @@ class Distiller:
         self.callbacks = list(callbacks)
 
         # --- models ---------------------------------------------------------------------------
+        _check_unshared(teacher=teacher, student=student, fake_score=fake_score)
         if isinstance(teacher, nn.Module):
             teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.teacher = teacher
@@ -259,6 +274,14 @@ class Distiller:
         s_lab = getattr(self.student, "label_dim", None)
         if s_lab is not None and int(s_lab) != t_lab:
             raise ConfigError(f"student.label_dim {s_lab} does not match teacher.label_dim {t_lab}")
+        # The fake score sees the student's samples with the teacher's labels: check it before step 1.
+        f_shape = getattr(self.fake_score, "sample_shape", None)
+        if f_shape is not None and tuple(f_shape) != tuple(shape):
+            raise ConfigError(f"fake_score.sample_shape {tuple(f_shape)} does not match the samples' "
+                              f"shape {tuple(shape)}")
+        f_lab = getattr(self.fake_score, "label_dim", None)
+        if f_lab is not None and int(f_lab) != t_lab:
+            raise ConfigError(f"fake_score.label_dim {f_lab} does not match teacher.label_dim {t_lab}")
         return tuple(int(s) for s in shape), t_lab
 
     def _check_batches(self) -> None:
@@ -652,7 +675,8 @@ class Distiller:
             if self.out_dir is None:
                 raise ConfigError("resume='latest' needs out_dir")
             path = ckpt.latest_checkpoint(self.out_dir)
-            if path is None:
+            if path is None:  # a run stopped before its first checkpoint starts again from step 0
+                self._trim_log()
                 return None
         else:
             path = Path(source)
