@@ -110,3 +110,24 @@ def test_build_run_from_a_saved_teacher(tmp_path):
         build_run(gmm_spec)
     gmm_spec["student"]["init"] = "mlp"
     assert isinstance(build_run(gmm_spec)["student"], OneStepStudent)
+
+
+def test_cli_exports_students_that_load_back(tmp_path, capsys):
+    """The run ends with student.safetensors (and the EMA's), rebuilt by dmdcopy.load as they trained."""
+    from dmdcopy.distill import read_checkpoint
+    from dmdcopy.io import load
+
+    assert main(["distill", str(write(tmp_path, steps=2, extra="ema_halflife_steps = 1.0")),
+                 "--no-progress"]) == 0
+    assert "student.safetensors" in capsys.readouterr().out
+    out = tmp_path / "out"
+    z = torch.randn(5, 2)
+    for name in ("student", "student_ema"):
+        G = load(out / f"{name}.safetensors")
+        assert isinstance(G, OneStepStudent)
+        ref = OneStepStudent(EDMPrecond(MLP(2, hidden=16, depth=1)))
+        tensors, _ = read_checkpoint(out / "checkpoint-000000002.safetensors")
+        prefix = "student/" if name == "student" else "ema/"
+        ref.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        with torch.no_grad():
+            assert torch.equal(G(z), ref.eval()(z))

@@ -268,5 +268,33 @@ def run(args: argparse.Namespace) -> int:
     distiller = Distiller(teacher, student, config=config, out_dir=out_dir, device=device, **parts)
     distiller.train(resume="latest" if args.resume else None)
     if info.is_main:
-        print(f"dmdcopy distill: {distiller.step} steps done; checkpoints and log.jsonl in {out_dir}")
+        written = export_students(distiller, out_dir)
+        print(f"dmdcopy distill: {distiller.step} steps done; checkpoints and log.jsonl in {out_dir}; "
+              f"students for `dmdcopy delta-e`: {', '.join(p.name for p in written)}")
     return 0
+
+
+def export_students(distiller, out_dir: Path) -> list[Path]:
+    """Write ``student.safetensors`` (and ``student_ema.safetensors`` when EMA is on) with their
+    architecture, so ``dmdcopy.load`` / ``dmdcopy delta-e --student`` rebuild them.
+
+    A student of a class dmdcopy cannot describe (a user's own module) is skipped with a note:
+    its weights are in the training checkpoints, to load with ``dmdcopy.load(path, into=...)``.
+    """
+    from dmdcopy.errors import CheckpointError
+    from dmdcopy.io import save
+
+    written = []
+    meta = {"dmdcopy.distill.step": str(distiller.step)}
+    for name, module in (("student", distiller.student), ("student_ema", distiller.ema_student)):
+        if module is None:
+            continue
+        path = out_dir / f"{name}.safetensors"
+        try:
+            save(module, path, metadata=meta)
+        except CheckpointError as e:
+            print(f"dmdcopy distill: {name} not exported ({e}); its weights are in the checkpoints",
+                  file=sys.stderr)
+            continue
+        written.append(path)
+    return written
