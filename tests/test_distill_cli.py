@@ -131,3 +131,22 @@ def test_cli_exports_students_that_load_back(tmp_path, capsys):
         ref.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         with torch.no_grad():
             assert torch.equal(G(z), ref.eval()(z))
+
+
+def test_load_takes_one_network_out_of_a_training_checkpoint(tmp_path):
+    from dmdcopy.errors import CheckpointError
+    from dmdcopy.io import load
+
+    assert main(["distill", str(write(tmp_path, steps=2, extra="ema_halflife_steps = 0")),
+                 "--no-progress"]) == 0
+    ckpt = tmp_path / "out" / "checkpoint-000000002.safetensors"
+    exported = load(tmp_path / "out" / "student.safetensors")
+    G = OneStepStudent(EDMPrecond(MLP(2, hidden=16, depth=1)))
+    load(ckpt, into=G, key="student")
+    z = torch.randn(4, 2)
+    with torch.no_grad():
+        assert torch.equal(G.eval()(z), exported(z))
+    with pytest.raises(CheckpointError, match="without a 'ema' entry"):
+        load(ckpt, into=G)  # the default key; this run had no EMA
+    with pytest.raises(CheckpointError, match="stores weights, not architectures"):
+        load(ckpt, key="student")

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from dmdcopy._atomic import write_atomic
 from dmdcopy.errors import CheckpointError
+from dmdcopy.io.checkpoints import DISTILL_CHECKPOINT_FORMAT
 
 __all__ = [
     "FORMAT",
@@ -39,7 +40,7 @@ __all__ = [
     "write_checkpoint",
 ]
 
-FORMAT = "dmdcopy-distill-checkpoint/1"
+FORMAT = DISTILL_CHECKPOINT_FORMAT
 _NAME = re.compile(r"^checkpoint-(\d{9})\.safetensors$")
 
 

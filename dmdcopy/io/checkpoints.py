@@ -46,6 +46,9 @@ def load(
       the recorded architecture, or the weights go into ``into``;
     - EDM network pickle (``network-snapshot-*.pkl``): read without executing anything from
       the file (:func:`dmdcopy.io.load_edm_pickle`), entry ``key`` (``"ema"``);
+    - a checkpoint of :class:`dmdcopy.distill.Distiller` (``checkpoint-*.safetensors``): entry
+      ``key`` (``"ema"``, ``"student"``, ``"fake_score"`` or ``"discriminator"``) goes into ``into``
+      (the run's exported ``student.safetensors`` needs no ``into``);
     - ``torch.save`` state dict (DMD2's ``pytorch_model.bin``, ``.pt``, ``.pth``): read with
       ``weights_only=True``; it carries no architecture, so ``into`` is required (or use
       :func:`dmdcopy.io.load_dmd2_checkpoint` with an architecture).
@@ -55,7 +58,7 @@ def load(
         map_location: device of the rebuilt module (ignored with ``into``).
         strict: raise :class:`~dmdcopy.errors.CheckpointError` listing every missing, unexpected
             and mis-shaped key; with ``False`` load what fits and warn about the rest.
-        key: entry of an EDM snapshot dict to import.
+        key: entry of an EDM snapshot dict, or of a distillation checkpoint, to import.
 
     Returns:
         ``into``, or the rebuilt module in eval mode (call ``.train()`` to train it).
@@ -64,6 +67,8 @@ def load(
     source = f"{path}"
     if fmt == SAFETENSORS:
         state, meta = read_safetensors(path)  # CPU; the module is moved once it is filled
+        if meta.get("format") == DISTILL_CHECKPOINT_FORMAT:
+            state = _distill_entry(path, state, key, into)
         if into is not None:
             load_state_checked(into, state, strict=strict, source=source)
             return into
@@ -93,6 +98,26 @@ def load(
             "or use load_dmd2_checkpoint(path, architecture=...)"
         )
     return load_dmd2_checkpoint(path, into=into, map_location=map_location, strict=strict)
+
+
+# The format tag of dmdcopy.distill checkpoints (that higher floor imports it from here).
+DISTILL_CHECKPOINT_FORMAT = "dmdcopy-distill-checkpoint/1"
+
+
+def _distill_entry(
+    path: str | os.PathLike, state: dict[str, torch.Tensor], key: str, into: nn.Module | None
+) -> dict[str, torch.Tensor]:
+    """The weights of one network (``key``) out of a distillation checkpoint's flat tensors."""
+    entries = sorted({k.split("/", 1)[0] for k in state if "/" in k} - {"optim", "rng"})
+    if key not in entries:
+        raise CheckpointError(f"{path}: a distillation checkpoint without a {key!r} entry; "
+                              f"it holds {entries}: pass key= one of them")
+    if into is None:
+        raise CheckpointError(f"{path}: a distillation checkpoint stores weights, not architectures; "
+                              f"pass load(path, into=module, key={key!r}), or load the run's exported "
+                              "student.safetensors / student_ema.safetensors")
+    prefix = f"{key}/"
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def convert(
