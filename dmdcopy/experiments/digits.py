@@ -30,7 +30,7 @@ from torch import nn
 from dmdcopy.data.digits import load_digits, split_digits
 from dmdcopy.distill.config import DistillConfig
 from dmdcopy.errors import ConfigError
-from dmdcopy.experiments.common import Timer, batched, sliced_wasserstein
+from dmdcopy.experiments.common import Timer, batched, sliced_wasserstein, toy_distill_config
 from dmdcopy.experiments.pipeline import distill_student, evaluate_student, make_student
 from dmdcopy.experiments.report import machine_info
 from dmdcopy.experiments.teacher_training import TeacherConfig, train_teacher
@@ -66,11 +66,7 @@ class ImageMLP(nn.Module):
 
 
 def _default_distill() -> DistillConfig:
-    return DistillConfig(
-        num_steps=300, batch_size=128, generator_lr=1e-3, fake_score_lr=1e-3, weight_decay=0.0,
-        ema_halflife_steps=None, progress_bar=False, log_every=10**9, checkpoint_every=10**9,
-        mixed_precision=False,
-    )
+    return toy_distill_config(300)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,6 +35,7 @@ from dmdcopy.experiments.common import (
     gaussian_frechet,
     pairing_summary,
     sliced_wasserstein,
+    toy_distill_config,
     transport_summary,
 )
 from dmdcopy.experiments.pipeline import STUDENT_INITS, distill_student, evaluate_student, make_student
@@ -64,13 +65,7 @@ EVAL_SEED_OFFSET = 1_000_000
 
 
 def _default_distill() -> DistillConfig:
-    # lr 1e-3 (not DMD2's 2e-6, which is for networks 10^4 times larger): in a probe at d = 2 and 32
-    # with 200 steps, 1e-4 and 3e-4 left the students' sliced Wasserstein 2-3x the teacher's.
-    return DistillConfig(
-        num_steps=250, batch_size=128, generator_lr=1e-3, fake_score_lr=1e-3, weight_decay=0.0,
-        ema_halflife_steps=None, progress_bar=False, log_every=10**9, checkpoint_every=10**9,
-        mixed_precision=False,
-    )
+    return toy_distill_config(250)
 
 
 @dataclass(frozen=True, kw_only=True)
