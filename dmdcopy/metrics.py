@@ -11,77 +11,123 @@ and the cost ``C_ij = ||s_i - t_j||^2 / dim``::
 0: the shared-noise pairing is the optimal one (the student copies the teacher's pairing);
 about 1: no better than an independent pairing (the student remapped the noise).
 
-How it is computed (no silent approximations; every choice is reported in the result):
+Two readings, reported side by side and never mixed (docs/delta_e.md says why):
 
-- The cost matrix is built with torch, in float64 by default, in row chunks on the inputs'
-  device, after subtracting the teacher mean from both sets (a translation leaves ``C``
-  unchanged and centring keeps the ``|a|^2 + |b|^2 - 2 a.b`` expansion accurate).
-  ``E_pair`` and the optimal pairs' costs are then recomputed directly from ``s_i - t_j``, so an
-  identical student gives exactly 0.
-- The assignment is exact: :func:`scipy.optimize.linear_sum_assignment` on the float64 matrix.
+- ``delta_e``, the **finite-N** figure: with ``E_opt`` the exact assignment among the ``N`` (or
+  ``block_size``) samples. It asks "is each student sample identified with its own teacher sample
+  among N?". Its ``E_opt`` is biased upwards as an estimate of ``W2^2``, so in high dimension it
+  reads 0 for students that moved far from their teacher.
+- the **population** figure, with ``E_opt`` replaced by ``W2^2`` between the two distributions and
+  means by expectations over ``z``. It is bracketed by ``[delta_e_lower, delta_e_upper]``: one end
+  uses the finite-N ``E_opt`` (at least ``W2^2`` in expectation), the other a held-out lower bound
+  of ``W2^2`` (:func:`dmdcopy.w2.w2_lower_bound`, unbiased for a valid bound); Delta E is monotone
+  in ``E_opt``, so the population value lies between them. ``[bracket_low, bracket_high]`` widens
+  the bracket by its bootstrap intervals.
+
+How it is computed (every choice is reported in the result):
+
+- The cost matrix is built with torch in row chunks on the inputs' device, after subtracting the
+  teacher mean from both sets, with products in ``dtype`` (float32 by default). The costs that
+  decide the figures are recomputed in float64 from ``s_i - t_j`` directly: ``E_pair``, the
+  optimal pairs' costs, and ``E_ind`` (from float64 moments), so an identical student gives
+  exactly 0 and float32 products move ``E_opt`` by at most about 1e-6 relative (the permutation
+  can only differ between near-ties).
+- The assignment is exact: LAPJV (the ``lap`` package) for ``dim >= 8``, where it was 2-10x faster
+  than scipy on our benchmarks, :func:`scipy.optimize.linear_sum_assignment` below (there scipy
+  was faster) or when ``lap`` is not installed; or any ``assignment=`` callable.
 - Beyond ``block_size`` pairs the set is cut, in the given order, into ``ceil(N / block_size)``
   disjoint contiguous blocks of near-equal size; each block is solved exactly and the three
-  energies are averaged over blocks (weighted by block size) before the ratio is taken. The
-  per-block Delta E values and their spread are reported. ``E_opt`` of a block of ``b`` pairs
-  is the optimal cost among ``b`` candidates, so it depends on ``b``: compare figures at the
-  same block size.
-- The interval is a percentile bootstrap over pairs: the pair indices of each block are
-  resampled with replacement (stratified by block) and ``E_pair``, ``E_opt`` and ``E_ind`` are
-  recomputed on the resample, with the optimal permutation found on the full block kept (each
-  resampled student keeps its matched teacher; ``E_ind`` of a resample is ``w^T C w / n^2``
-  with ``w`` the resample counts). This costs one matrix product per block, no further
-  assignments. It is conditional on the matching: it carries the sampling noise of the pair
-  costs, not the variability of the optimal matching itself. The assignment is deliberately
-  not re-solved on resamples: a with-replacement resample holds only about 63% distinct pairs,
-  which raises its optimal cost and biases a re-solved Delta E downwards (seen in testing:
-  the re-solved interval missed the point estimate).
+  energies are averaged over blocks (weighted by block size) before the ratio is taken.
+  ``E_opt`` of a block of ``b`` pairs is the optimal cost among ``b`` candidates, so the finite-N
+  figure depends on ``b``: compare it at the same block size. The bracket's held-out bound uses
+  all ``N`` pairs.
+- The intervals are a percentile bootstrap over pairs, stratified by block, with the optimal
+  permutation found on the full block kept (each resampled student keeps its matched teacher)
+  and the fitted ``W2`` potential kept: every figure is then a mean of per-pair terms. ``E_ind``
+  of a resample uses its linear (Hajek) projection ``mean_k (r_k + c_k) - E_ind`` with ``r, c`` the
+  row and column means of ``C``; the dropped quadratic term is ``O(1/N)`` relative. The
+  assignment is deliberately not re-solved on resamples: a with-replacement resample holds only
+  about 63% distinct pairs, which raises its optimal cost and biases a re-solved Delta E
+  downwards. Intervals are conditional on the matching and on the fitted potential.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from dmdcopy.errors import ConfigError, ShapeError
+from dmdcopy.w2 import GaussianDeltaE, frechet_distance, gaussian_delta_e, w2_lower_bound
 
 __all__ = [
+    "GaussianDeltaE",
     "PairingInefficiency",
     "PairingResult",
     "TransportResult",
     "copy_diagnostics",
+    "frechet_distance",
+    "gaussian_delta_e",
+    "lapjv_assignment",
     "optimal_assignment",
     "pairing_inefficiency",
     "pairwise_cost",
+    "scipy_assignment",
     "transport_inefficiency",
+    "w2_lower_bound",
 ]
 
 # Below this resolution (E_ind - E_opt) / E_ind, Delta E divides by a small difference of two
 # nearly equal energies; the figure is then flagged.
 DEFAULT_MIN_RESOLUTION = 0.05
-# Bytes of one float64 cost chunk before it leaves the device (bounds peak memory).
+# Below this (E_ind - W2^2) / E_ind, even at the lower bound of W2^2, the two distributions differ so
+# much that the pairing decides little of the cost (a collapsed or far-off student).
+DEFAULT_MIN_POPULATION_RESOLUTION = 0.1
+# A bracket [delta_e_lower, delta_e_upper] wider than this cannot tell a copy (0) from a remap (1).
+DEFAULT_MAX_BRACKET_WIDTH = 0.25
+# Bytes of one cost chunk before it leaves the device (bounds peak memory).
 _CHUNK_BYTES = 256 * 2**20
+# LAPJV beats scipy from this dimension on (2-10x at d = 8..12288); at d = 2 scipy was 3-6x faster.
+_LAPJV_MIN_DIM = 8
+
+Progress = Callable[[str, int, int], None]
+
+
+def _report(progress: Progress | None, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
 
 
 # ----------------------------------------------------------------------------------------------
 # Checks and the cost matrix
 
 
+def _check_tensor(x, name: str, where: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ShapeError(f"{where}: {name} must be a tensor (N, ...), got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ShapeError(f"{where}: {name} must have shape (N, ...) with at least 2 dims, "
+                         f"got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ShapeError(f"{where}: {name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_finite(x: torch.Tensor, name: str, where: str) -> None:
+    bad = ~torch.isfinite(x).flatten(1).all(dim=1)  # (N,) rows with a NaN or inf
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()
+        raise ShapeError(f"{where}: {name} has non-finite values (NaN or inf) in "
+                         f"{rows.numel()} of {x.shape[0]} samples, first at index {int(rows[0])}")
+
+
 def _flatten_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str], where: str):
     """Check ``a, b: (N, ...)`` of the same shape and finite; return both as ``(N, dim)``."""
     for x, name in zip((a, b), names):
-        if not isinstance(x, torch.Tensor):
-            raise ShapeError(f"{where}: {name} must be a tensor (N, ...), got {type(x).__name__}")
-        if x.ndim < 2:
-            raise ShapeError(f"{where}: {name} must have shape (N, ...) with at least 2 dims, "
-                             f"got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ShapeError(f"{where}: {name} must be a floating-point tensor, got {x.dtype}")
+        _check_tensor(x, name, where)
     if a.shape != b.shape:
         raise ShapeError(f"{where}: {names[0]} and {names[1]} must have the same shape (N, ...), "
                          f"got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -90,14 +136,44 @@ def _flatten_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str], wher
     if a.shape[0] < 2:
         raise ShapeError(f"{where}: need at least 2 pairs, got N = {a.shape[0]}")
     for x, name in zip((a, b), names):
-        bad = ~torch.isfinite(x).flatten(1).all(dim=1)  # (N,) rows with a NaN or inf
-        if bool(bad.any()):
-            rows = torch.nonzero(bad).flatten()
-            raise ShapeError(f"{where}: {name} has non-finite values (NaN or inf) in "
-                             f"{rows.numel()} of {x.shape[0]} samples, first at index {int(rows[0])}")
+        _check_finite(x, name, where)
     # The metric is not differentiable (an assignment); detaching keeps autograd from recording
     # the N x N cost computation when samples come straight from a network.
     return a.detach().flatten(1), b.detach().flatten(1)  # (N, dim)
+
+
+def _apply_features(features: Callable, x: torch.Tensor, name: str, batch: int,
+                    progress: Progress | None, done: int, total: int) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for lo in range(0, x.shape[0], batch):
+            f = features(x[lo:lo + batch])
+            if not isinstance(f, torch.Tensor) or f.ndim < 2 or f.shape[0] != min(batch, x.shape[0] - lo):
+                raise ShapeError(f"pairing_inefficiency: features must map (B, ...) to a tensor (B, ...), "
+                                 f"got {tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__} "
+                                 f"for {name} rows {lo}..")
+            out.append(f.detach())
+            done += f.shape[0]
+            _report(progress, "features", done, total)
+    return torch.cat(out)
+
+
+def _cost_rows(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, chunk: int | None,
+               progress: Progress | None = None):
+    """Yield ``(lo, hi, C[lo:hi])`` of ``C_ij = ||a_i - b_j||^2 / dim`` as float64 numpy rows."""
+    a = a.detach().flatten(1)
+    b = b.detach().flatten(1).to(a.device)
+    center = b.double().mean(dim=0, keepdim=True)  # C is translation invariant; centring limits cancellation
+    a, b = (a.double() - center).to(dtype), (b.double() - center).to(dtype)
+    a_sq, b_sq = a.square().sum(dim=1), b.square().sum(dim=1)  # (N,), (M,)
+    n, m, dim = a.shape[0], b.shape[0], a.shape[1]
+    if chunk is None:
+        chunk = max(1, _CHUNK_BYTES // (8 * max(m, 1)))
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        c = a_sq[lo:hi, None] + b_sq[None, :] - 2 * (a[lo:hi] @ b.T)  # (chunk, M)
+        yield lo, hi, (c.clamp_min_(0) / dim).to(device="cpu", dtype=torch.float64).numpy()
+        _report(progress, "cost", hi, n)
 
 
 def pairwise_cost(
@@ -107,8 +183,8 @@ def pairwise_cost(
 
     Args:
         a: ``(N, ...)``; b: ``(M, ...)`` with the same per-sample shape.
-        dtype: the precision of the torch computation (float64 by default; float32 halves the
-            time at about 1e-6 relative error in the costs).
+        dtype: the precision of the torch products (float32 halves the time at about 1e-6
+            relative error in the costs).
         chunk: rows per chunk; by default about 256 MiB of cost per chunk.
 
     Returns: ``(N, M)`` float64, non-negative. The matrix is computed on ``a``'s device, one
@@ -120,21 +196,9 @@ def pairwise_cost(
     if a.ndim < 2 or b.ndim < 2 or a.shape[1:] != b.shape[1:]:
         raise ShapeError(f"pairwise_cost: expected a (N, ...) and b (M, ...) with the same "
                          f"per-sample shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a = a.detach().flatten(1).to(dtype)
-    b = b.detach().flatten(1).to(device=a.device, dtype=dtype)
-    dim = a.shape[1]
-    center = b.mean(dim=0, keepdim=True)  # C is translation invariant; centring limits cancellation
-    a, b = a - center, b - center
-    a_sq = a.square().sum(dim=1)  # (N,)
-    b_sq = b.square().sum(dim=1)  # (M,)
-    n, m = a.shape[0], b.shape[0]
-    if chunk is None:
-        chunk = max(1, _CHUNK_BYTES // (8 * max(m, 1)))
-    out = np.empty((n, m), dtype=np.float64)
-    for lo in range(0, n, chunk):
-        hi = min(lo + chunk, n)
-        c = a_sq[lo:hi, None] + b_sq[None, :] - 2 * (a[lo:hi] @ b.T)  # (chunk, M)
-        out[lo:hi] = (c.clamp_min_(0) / dim).to(device="cpu", dtype=torch.float64).numpy()
+    out = np.empty((a.shape[0], b.shape[0]), dtype=np.float64)
+    for lo, hi, rows in _cost_rows(a, b, dtype, chunk):
+        out[lo:hi] = rows
     return out
 
 
@@ -147,11 +211,42 @@ def _direct_cost(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.T
     return torch.cat(out).cpu()
 
 
-def optimal_assignment(cost: np.ndarray) -> np.ndarray:
+def scipy_assignment(cost: np.ndarray) -> np.ndarray:
+    """Exact assignment with :func:`scipy.optimize.linear_sum_assignment`: ``perm: (N,)``."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost)
+    perm = np.empty(cost.shape[0], dtype=np.int64)
+    perm[rows] = cols
+    return perm
+
+
+def lapjv_assignment(cost: np.ndarray) -> np.ndarray:
+    """Exact assignment with the Jonker-Volgenant solver of the ``lap`` package: ``perm: (N,)``."""
+    import lap
+
+    _, x, _ = lap.lapjv(np.ascontiguousarray(cost, dtype=np.float64), extend_cost=False)
+    return np.asarray(x, dtype=np.int64)
+
+
+def _auto_assignment(dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    if dim >= _LAPJV_MIN_DIM:
+        try:
+            import lap  # noqa: F401
+        except ImportError:  # pragma: no cover - lap is a dependency; stay exact without it
+            return scipy_assignment
+        return lapjv_assignment
+    return scipy_assignment
+
+
+def optimal_assignment(
+    cost: np.ndarray, *, solver: Callable[[np.ndarray], np.ndarray] = scipy_assignment
+) -> np.ndarray:
     """Exact minimum-cost perfect matching of a square cost matrix.
 
     Args:
         cost: ``(N, N)``.
+        solver: :func:`scipy_assignment` (default) or :func:`lapjv_assignment` (same optimum).
 
     Returns: ``perm: (N,)`` int64 with ``sum_i cost[i, perm[i]]`` minimal.
 
@@ -161,9 +256,9 @@ def optimal_assignment(cost: np.ndarray) -> np.ndarray:
     cost = np.asarray(cost, dtype=np.float64)
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
         raise ShapeError(f"optimal_assignment: expected a square (N, N) cost, got {cost.shape}")
-    rows, cols = linear_sum_assignment(cost)
-    perm = np.empty(cost.shape[0], dtype=np.int64)
-    perm[rows] = cols
+    perm = np.asarray(solver(cost), dtype=np.int64)
+    if perm.shape != (cost.shape[0],) or not np.array_equal(np.sort(perm), np.arange(cost.shape[0])):
+        raise ShapeError(f"optimal_assignment: the solver returned no permutation of {cost.shape[0]} items")
     return perm
 
 
@@ -173,59 +268,63 @@ def optimal_assignment(cost: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Block:
-    """One block's exact solution and its bootstrap energies (internal)."""
+    """One block's exact solution, as per-pair terms (internal). Every energy is a mean of terms,
+    so the stratified bootstrap is a resample of term indices."""
 
-    n: int
-    e_pair: float
-    e_opt: float
-    e_ind: float
+    lo: int  # the block's first pair in the whole set
+    pair_cost: np.ndarray  # (n,) C_ii
+    opt_cost: np.ndarray  # (n,) C_i,perm(i)
+    hajek: np.ndarray  # (n,) r_i + c_i (row mean + column mean of C), for E_ind of resamples
+    e_ind: float  # mean_ij C_ij
     own_pair_rate: float  # share of rows whose nearest column is their own pair
-    boot: np.ndarray  # (3, n_boot): E_pair, E_opt, E_ind of each resample
+
+    @property
+    def n(self) -> int:
+        return len(self.pair_cost)
+
+    @property
+    def e_pair(self) -> float:
+        return float(self.pair_cost.mean())
+
+    @property
+    def e_opt(self) -> float:
+        return float(self.opt_cost.mean())
 
 
-def _solve_block(
-    a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, n_boot: int, generator: torch.Generator | None
-) -> _Block:
+def _ind_terms(a: torch.Tensor, b: torch.Tensor) -> tuple[float, np.ndarray]:
+    """``E_ind = mean_ij ||a_i - b_j||^2 / dim`` from float64 moments (no matrix), and the Hajek
+    terms ``r_i + c_i`` (row mean of ``C`` at ``i`` plus column mean at ``i``): ``(n,)``."""
+    center = b.double().mean(0)
+    a64, b64 = a.double() - center, b.double() - center  # then mean(b64) = 0
+    dim = a.shape[1]
+    a_sq, b_sq = a64.square().sum(1), b64.square().sum(1)
+    a_mean = a64.mean(0)
+    rows = (a_sq + b_sq.mean()) / dim  # r_i = (|a_i|^2 + mean|b|^2 - 2 a_i . mean(b)) / dim
+    cols = (a_sq.mean() + b_sq - 2 * (b64 @ a_mean)) / dim  # c_j
+    e_ind = float(a_sq.mean() + b_sq.mean()) / dim
+    return e_ind, (rows + cols).cpu().numpy()
+
+
+def _solve_block(a: torch.Tensor, b: torch.Tensor, lo: int, dtype: torch.dtype, solver,
+                 progress: Progress | None) -> _Block:
     """``a, b: (n, dim)``; rows ``i`` of both form pair ``i``. The ``(n, n)`` cost matrix lives only
     inside this call, so blocks are solved one after the other in bounded memory."""
-    cost = pairwise_cost(a, b, dtype=dtype)
-    perm = optimal_assignment(cost)
+    n = a.shape[0]
+    cost = np.empty((n, n), dtype=np.float64)
+    for r0, r1, rows in _cost_rows(a, b, dtype, None, progress):
+        cost[r0:r1] = rows
+    nearest = cost.argmin(axis=1)
+    perm = optimal_assignment(cost, solver=solver)
+    del cost
     pair_cost = _direct_cost(a, b).numpy()
     opt_cost = _direct_cost(a, b[torch.as_tensor(perm, device=b.device)]).numpy()
-    e_pair = float(pair_cost.mean())
     # The identity is one of the permutations, so E_opt <= E_pair; enforce it against the
     # round-off between the expanded matrix (which chose perm) and the direct costs.
-    e_opt = min(float(opt_cost.mean()), e_pair)
-    if e_opt == e_pair:
+    if opt_cost.mean() >= pair_cost.mean():
         opt_cost = pair_cost
-    n = len(perm)
-    nearest = cost.argmin(axis=1)
-    boot = np.zeros((3, 0))
-    if n_boot > 0:
-        boot = _bootstrap_block(cost, pair_cost, opt_cost, n_boot, generator)
-    return _Block(n=n, e_pair=e_pair, e_opt=e_opt, e_ind=float(cost.mean()),
-                  own_pair_rate=float((nearest == np.arange(n)).mean()), boot=boot)
-
-
-def _bootstrap_block(
-    cost: np.ndarray, pair_cost: np.ndarray, opt_cost: np.ndarray, n_boot: int, generator: torch.Generator,
-    chunk: int = 250,
-) -> np.ndarray:
-    """``(3, n_boot)`` energies of resamples of one block's pairs (with replacement), keeping the
-    block's optimal matching: each resampled student keeps its matched teacher."""
-    n = len(pair_cost)
-    out = np.empty((3, n_boot))
-    for lo in range(0, n_boot, chunk):
-        k = min(chunk, n_boot - lo)
-        idx = torch.randint(n, (k, n), generator=generator).numpy()  # (k, n) resampled pair indices
-        e_pair = pair_cost[idx].mean(axis=1)
-        e_opt = np.minimum(opt_cost[idx].mean(axis=1), e_pair)
-        # E_ind of a resample: w^T C w / n^2 with w the counts of each pair in the resample
-        counts = np.zeros((k, n))
-        np.add.at(counts, (np.arange(k)[:, None], idx), 1.0)
-        e_ind = np.einsum("kj,kj->k", counts @ cost, counts) / n**2
-        out[:, lo : lo + k] = np.stack([e_pair, e_opt, e_ind])
-    return out
+    e_ind, hajek = _ind_terms(a, b)
+    return _Block(lo=lo, pair_cost=pair_cost, opt_cost=opt_cost, hajek=hajek, e_ind=e_ind,
+                  own_pair_rate=float((nearest == np.arange(n)).mean()))
 
 
 def _block_bounds(n: int, block_size: int) -> list[tuple[int, int]]:
@@ -243,12 +342,17 @@ def _ratio(num: float, den: float) -> float:
     return math.inf if den == 0 and num > 0 else math.nan
 
 
-def _solve_blocks(a, b, block_size, dtype, n_boot, generator, where) -> list[_Block]:
-    if not isinstance(block_size, int) or block_size < 2:
+def _solve_blocks(a, b, block_size, dtype, solver, where, progress=None) -> list[_Block]:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 2:
         raise ConfigError(f"{where}: block_size must be an int >= 2, got {block_size!r}")
-    generator = _default_generator(generator)
-    return [_solve_block(a[lo:hi], b[lo:hi], dtype, n_boot, generator)
-            for lo, hi in _block_bounds(a.shape[0], block_size)]
+    solver = solver if solver is not None else _auto_assignment(a.shape[1])
+    bounds = _block_bounds(a.shape[0], block_size)
+    blocks = []
+    for k, (lo, hi) in enumerate(bounds):
+        _report(progress, "assignment", k, len(bounds))
+        blocks.append(_solve_block(a[lo:hi], b[lo:hi], lo, dtype, solver, progress))
+    _report(progress, "assignment", len(bounds), len(bounds))
+    return blocks
 
 
 def _pooled(blocks: list[_Block]) -> tuple[float, float, float]:
@@ -259,17 +363,19 @@ def _pooled(blocks: list[_Block]) -> tuple[float, float, float]:
     return tuple(float(v) for v in w @ e)
 
 
-def _pooled_boot(blocks: list[_Block]) -> np.ndarray:
-    """``(3, n_boot)`` bootstrap energies pooled over blocks with the blocks' sizes as weights
-    (a stratified bootstrap: each block is resampled within itself)."""
-    n_total = sum(bl.n for bl in blocks)
-    return sum((bl.n / n_total) * bl.boot for bl in blocks)
+def _resamples(blocks: list[_Block], n_boot: int, generator: torch.Generator, chunk: int = 250):
+    """Yield ``(k, N)`` global pair indices of ``k`` stratified resamples (each block resampled
+    within itself, with replacement)."""
+    for lo in range(0, n_boot, chunk):
+        k = min(chunk, n_boot - lo)
+        yield np.concatenate([bl.lo + torch.randint(bl.n, (k, bl.n), generator=generator).numpy()
+                              for bl in blocks], axis=1)
 
 
 def _check_common(n_boot: int, ci: float, where: str) -> None:
-    if not isinstance(n_boot, int) or n_boot < 0:
+    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 0:
         raise ConfigError(f"{where}: n_boot must be an int >= 0 (0 = no interval), got {n_boot!r}")
-    if not 0 < ci < 1:
+    if not isinstance(ci, (int, float)) or not 0 < ci < 1:
         raise ConfigError(f"{where}: ci must lie in (0, 1), got {ci!r}")
 
 
@@ -284,6 +390,25 @@ def _interval(values: np.ndarray, ci: float) -> tuple[float, float]:
 def _default_generator(generator: torch.Generator | None) -> torch.Generator:
     # A fixed default seed keeps a reported interval reproducible run to run.
     return generator if generator is not None else torch.Generator().manual_seed(0)
+
+
+def _delta(p, o, i):
+    """Delta E ``(p - o) / (i - o)`` elementwise over arrays (0 where ``p == o``; NaN where
+    ``i <= o``)."""
+    p, o, i = np.broadcast_arrays(np.asarray(p, float), np.asarray(o, float), np.asarray(i, float))
+    out = np.where(p == o, 0.0, np.nan)
+    return np.divide(p - o, i - o, out=out, where=i > o)
+
+
+def _ends(p, o, i, lower_w2):
+    """The population bracket's ends: Delta E at the finite-N ``E_opt`` and at the held-out lower
+    bound of ``W2^2`` (clamped to ``[0, E_opt]``: ``W2^2 >= 0``, and a bound above the finite-N
+    optimum is noise). Delta E is monotone in ``E_opt``, so the two values bound the population
+    figure whichever way it moves (it falls with ``E_opt`` when ``E_pair < E_ind``, rises when a
+    systematic remap makes ``E_pair > E_ind``)."""
+    lb = np.minimum(np.maximum(lower_w2, 0.0), o)
+    at_opt, at_lb = _delta(p, o, i), _delta(p, lb, i)
+    return np.fmin(at_opt, at_lb), np.fmax(at_opt, at_lb), lb
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,18 +430,20 @@ def _json_ready(d: dict) -> dict:
 class PairingResult:
     """Delta E with everything needed to report it.
 
-    Energies are per dimension (``||.||^2 / dim``). ``ci_low``/``ci_high`` is the ``ci``
-    percentile bootstrap interval (NaN when ``n_boot == 0``). ``resolution`` is
-    ``(E_ind - E_opt) / E_ind``: the share of the independent-pairing cost an optimal pairing
-    removes; when it is below ``min_resolution``, ``warning`` says so.
+    Energies are per dimension (``||.||^2 / dim``). Two readings (see the module docstring):
+    ``delta_e`` is the finite-N figure with its ``ci`` bootstrap interval ``[ci_low, ci_high]``;
+    ``[delta_e_lower, delta_e_upper]`` brackets the population figure and
+    ``[bracket_low, bracket_high]`` is that bracket widened by its ends' bootstrap intervals (the
+    interval to report). ``resolution`` is ``(E_ind - E_opt) / E_ind``. ``warnings`` lists every
+    reason not to read the figures at face value (``warning`` joins them).
     """
 
-    delta_e: float  # (E_pair - E_opt) / (E_ind - E_opt), from block-pooled energies
+    delta_e: float  # finite-N: (E_pair - E_opt) / (E_ind - E_opt), from block-pooled energies
     e_pair: float  # mean_i C_ii
     e_opt: float  # min_p mean_i C_i,p(i), exact per block
     e_ind: float  # mean_ij C_ij (within blocks)
     n: int  # number of pairs
-    dim: int  # numel of one sample
+    dim: int  # numel of one sample (of its features when features= was given)
     block_size: int  # the largest block actually used
     n_blocks: int
     ci_low: float
@@ -328,13 +455,25 @@ class PairingResult:
     block_std: float  # standard deviation of block_delta_e (NaN for one block)
     resolution: float  # (E_ind - E_opt) / E_ind
     own_pair_rate: float  # share of students whose nearest teacher sample is their own pair
-    pair_ind_ratio: float  # E_pair / E_ind
+    pair_ind_ratio: float  # E_pair / E_ind (the population figure when the laws are equal)
+    delta_e_lower: float = math.nan  # lower end of the population bracket
+    delta_e_upper: float = math.nan  # upper end of the population bracket
+    bracket_low: float = math.nan  # ci_low of the lower end
+    bracket_high: float = math.nan  # ci_high of the upper end
+    e_opt_lower: float = math.nan  # held-out lower bound of W2^2 / dim, clamped to [0, E_opt]
+    bound_rank: int = 0  # principal directions of the fitted W2 potential
+    warnings: tuple[str, ...] = field(default=())
     warning: str | None = field(default=None)
 
     @property
     def reliable(self) -> bool:
-        """False when a warning was raised about the figure."""
-        return self.warning is None
+        """False when a warning was raised about the figures."""
+        return not self.warnings
+
+    @property
+    def bracket(self) -> tuple[float, float]:
+        """``(delta_e_lower, delta_e_upper)``."""
+        return self.delta_e_lower, self.delta_e_upper
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (floats, ints, strings, lists); NaN or inf becomes ``None`` (JSON null)."""
@@ -377,6 +516,38 @@ def _std(values: list[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
+def _fmt(v: float) -> str:
+    return f"{v:.3f}" if math.isfinite(v) else str(v)
+
+
+def _warnings(delta_e, resolution, lower, upper, e_ind, e_opt_lower, min_resolution,
+              min_population_resolution, max_bracket_width) -> tuple[str, ...]:
+    out = []
+    if math.isnan(delta_e):
+        out.append("Delta E is undefined: E_ind == E_opt (every pairing costs the same, e.g. all "
+                   "teacher samples are equal)")
+        return tuple(out)
+    if resolution < min_resolution:
+        out.append(f"low resolution: (E_ind - E_opt) / E_ind = {resolution:.3g} < {min_resolution}; "
+                   "an optimal pairing barely beats an independent one, so Delta E divides by a "
+                   "small difference and is not trustworthy")
+    best_resolution = (e_ind - e_opt_lower) / e_ind  # the population resolution is at most this
+    if best_resolution < min_population_resolution:
+        out.append(f"the two distributions differ so much that W2^2 is at least {1 - best_resolution:.0%} "
+                   "of E_ind (a collapsed or far-off student?): the pairing decides little of the "
+                   "cost, and Delta E is a ratio of small differences")
+    if not math.isfinite(upper) or not math.isfinite(lower):
+        out.append(f"the population Delta E is unbounded here: the lower bound of W2^2 "
+                   f"({e_opt_lower:.4g}) reaches E_ind ({e_ind:.4g}), so every coupling of the two "
+                   "distributions may cost about the same (a collapsed or far-off student?)")
+    elif upper - lower > max_bracket_width:
+        out.append(f"the population Delta E lies anywhere in [{_fmt(lower)}, {_fmt(upper)}] "
+                   f"(width {upper - lower:.2f} > {max_bracket_width}): too wide to read as copy or "
+                   "remap; the finite-N delta_e is not the population value here. Report the "
+                   "bracket, or raise N / lower the dimension (features=)")
+    return tuple(out)
+
+
 def pairing_inefficiency(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -386,21 +557,41 @@ def pairing_inefficiency(
     ci: float = 0.95,
     generator: torch.Generator | None = None,
     min_resolution: float = DEFAULT_MIN_RESOLUTION,
-    dtype: torch.dtype = torch.float64,
+    min_population_resolution: float = DEFAULT_MIN_POPULATION_RESOLUTION,
+    max_bracket_width: float = DEFAULT_MAX_BRACKET_WIDTH,
+    dtype: torch.dtype = torch.float32,
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    feature_batch: int = 256,
+    assignment: Callable[[np.ndarray], np.ndarray] | None = None,
+    bound_rank: int | None = None,
+    progress: Progress | None = None,
 ) -> PairingResult:
-    """Delta E of a student's pairing against the teacher's, on shared noise.
+    """Delta E of a student's pairing against the teacher's, on shared noise: the finite-N figure
+    and a bracket of the population figure.
 
     Args:
         student: ``(N, ...)`` student samples ``G(z_i)``.
         teacher: ``(N, ...)`` teacher samples ``T(z_i)``, row ``i`` from the same noise (and
             label) as ``student[i]``. Both on the same device; the cost is computed there.
         block_size: largest set solved exactly; beyond it, disjoint contiguous blocks.
-        n_boot: bootstrap resamples for the interval (0 = none).
+        n_boot: bootstrap resamples for the intervals (0 = none: ``ci_*`` and ``bracket_*`` NaN).
         ci: interval level.
-        generator: CPU generator for the resampling; ``None`` uses a fixed seed (0), so the
-            same inputs give the same interval.
+        generator: CPU generator for the resampling and the bound's split; ``None`` uses a fixed
+            seed (0), so the same inputs give the same figures.
         min_resolution: below this ``(E_ind - E_opt) / E_ind`` the result carries a warning.
-        dtype: precision of the cost computation (float64 by default).
+        min_population_resolution: below this ``(E_ind - e_opt_lower) / E_ind`` (the most the
+            population resolution can be) the result carries a warning.
+        max_bracket_width: a wider ``[delta_e_lower, delta_e_upper]`` carries a warning.
+        dtype: precision of the cost-matrix products (the deciding costs are recomputed in float64).
+        features: optional ``(B, ...) -> (B, F)`` (e.g. an Inception or DINO network) applied to
+            both sets, ``feature_batch`` rows at a time under ``torch.no_grad()``; the metric is
+            then Delta E in that feature space.
+        assignment: exact assignment solver ``cost (n, n) -> perm (n,)``; default LAPJV for
+            ``dim >= 8``, scipy below.
+        bound_rank: principal directions of the held-out ``W2`` potential (default
+            :func:`dmdcopy.w2.default_rank`).
+        progress: ``progress(stage, done, total)`` after each unit of work; stages ``"features"``,
+            ``"cost"``, ``"assignment"``, ``"bound"``, ``"bootstrap"``. The caller draws.
 
     Returns: a :class:`PairingResult`.
 
@@ -410,37 +601,70 @@ def pairing_inefficiency(
     """
     where = "pairing_inefficiency"
     _check_common(n_boot, ci, where)
+    for x, name in ((student, "student"), (teacher, "teacher")):
+        _check_tensor(x, name, where)
+    if features is not None:
+        if not callable(features):
+            raise ConfigError(f"{where}: features must be a callable (B, ...) -> (B, F), got {features!r}")
+        for x, name in ((student, "student"), (teacher, "teacher")):
+            _check_finite(x, name, where)
+        total = student.shape[0] + teacher.shape[0]
+        student = _apply_features(features, student.detach(), "student", feature_batch, progress, 0, total)
+        teacher = _apply_features(features, teacher.detach(), "teacher", feature_batch, progress,
+                                  student.shape[0], total)
     s, t = _flatten_pair(student, teacher, ("student", "teacher"), where)
-    blocks = _solve_blocks(s, t, block_size, dtype, n_boot, generator, where)
+    n = s.shape[0]
+    blocks = _solve_blocks(s, t, block_size, dtype, assignment, where, progress)
     e_pair, e_opt, e_ind = _pooled(blocks)
     delta_e = _ratio(e_pair - e_opt, e_ind - e_opt)
 
-    ci_low = ci_high = math.nan
+    generator = _default_generator(generator)
+    _report(progress, "bound", 0, 1)
+    bound = w2_lower_bound(s, t, rank=bound_rank, generator=generator) if n >= 4 else None
+    _report(progress, "bound", 1, 1)
+    lower_w2 = bound.value if bound is not None else 0.0
+    lower, upper, e_opt_lower = (float(v) for v in _ends(e_pair, e_opt, e_ind, lower_w2))
+
+    ci_low = ci_high = bracket_low = bracket_high = math.nan
     if n_boot > 0:
-        p, o, i = _pooled_boot(blocks)
-        boot = np.divide(p - o, i - o, out=np.where(p == o, 0.0, np.nan), where=i > o)
-        ci_low, ci_high = _interval(boot, ci)
+        pair = np.concatenate([bl.pair_cost for bl in blocks])
+        opt = np.concatenate([bl.opt_cost for bl in blocks])
+        hajek = np.concatenate([bl.hajek for bl in blocks])
+        e_ind_blocks = np.concatenate([np.full(bl.n, bl.e_ind) for bl in blocks])
+        terms = bound.terms if bound is not None else np.zeros(n)
+        boot = np.empty((3, n_boot))  # finite-N Delta E, lower end, upper end
+        done = 0
+        for idx in _resamples(blocks, n_boot, generator):
+            k = idx.shape[0]
+            p, o = pair[idx].mean(1), np.minimum(opt[idx].mean(1), pair[idx].mean(1))
+            i = (hajek[idx] - e_ind_blocks[idx]).mean(1)  # linearised E_ind of each resample
+            lo_end, hi_end, _ = _ends(p, o, i, terms[idx].mean(1))
+            boot[:, done:done + k] = np.stack([_delta(p, o, i), lo_end, hi_end])
+            done += k
+            _report(progress, "bootstrap", done, n_boot)
+        ci_low, ci_high = _interval(boot[0], ci)
+        bracket_low = _interval(boot[1], ci)[0]
+        bracket_high = _interval(boot[2], ci)[1]
 
     block_delta = tuple(_ratio(bl.e_pair - bl.e_opt, bl.e_ind - bl.e_opt) for bl in blocks)
     resolution = _ratio(e_ind - e_opt, e_ind) if e_ind > 0 else math.nan
-    warning = None
-    if not e_ind - e_opt > 0:
+    if not e_ind - e_opt > 1e-12 * e_ind:  # equal up to the round-off of E_ind's moments
         delta_e = ci_low = ci_high = math.nan
-        warning = ("Delta E is undefined: E_ind == E_opt (every pairing costs the same, e.g. all "
-                   "teacher samples are equal)")
-    elif resolution < min_resolution:
-        warning = (f"low resolution: (E_ind - E_opt) / E_ind = {resolution:.3g} < {min_resolution}; "
-                   "an optimal pairing barely beats an independent one, so Delta E divides by a "
-                   "small difference and is not trustworthy")
+        lower = upper = bracket_low = bracket_high = math.nan
+    warnings = _warnings(delta_e, resolution, lower, upper, e_ind, e_opt_lower, min_resolution,
+                         min_population_resolution, max_bracket_width)
     w = np.array([bl.n for bl in blocks], dtype=np.float64)
     return PairingResult(
-        delta_e=delta_e, e_pair=e_pair, e_opt=e_opt, e_ind=e_ind, n=s.shape[0], dim=s.shape[1],
+        delta_e=delta_e, e_pair=e_pair, e_opt=e_opt, e_ind=e_ind, n=n, dim=s.shape[1],
         block_size=max(bl.n for bl in blocks), n_blocks=len(blocks),
         ci_low=ci_low, ci_high=ci_high, ci=ci, n_boot=n_boot,
-        bootstrap="pairs, fixed assignment",
+        bootstrap="pairs stratified by block; fixed assignment and fitted W2 potential",
         block_delta_e=block_delta, block_std=_std(list(block_delta)), resolution=resolution,
         own_pair_rate=float(w @ [bl.own_pair_rate for bl in blocks] / w.sum()),
-        pair_ind_ratio=_ratio(e_pair, e_ind), warning=warning,
+        pair_ind_ratio=_ratio(e_pair, e_ind),
+        delta_e_lower=lower, delta_e_upper=upper, bracket_low=bracket_low, bracket_high=bracket_high,
+        e_opt_lower=e_opt_lower, bound_rank=bound.rank if bound is not None else 0,
+        warnings=warnings, warning="; ".join(warnings) if warnings else None,
     )
 
 
@@ -452,7 +676,8 @@ def transport_inefficiency(
     n_boot: int = 1000,
     ci: float = 0.95,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = torch.float32,
+    assignment: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> TransportResult:
     """How far a model's noise-to-sample coupling is from an optimal transport plan.
 
@@ -471,27 +696,32 @@ def transport_inefficiency(
     where = "transport_inefficiency"
     _check_common(n_boot, ci, where)
     z, x = _flatten_pair(noise, samples, ("noise", "samples"), where)
-    blocks = _solve_blocks(x, z, block_size, dtype, n_boot, generator, where)
+    blocks = _solve_blocks(x, z, block_size, dtype, assignment, where)
     e_model, e_opt, _ = _pooled(blocks)
     value = _ratio(e_model - e_opt, e_opt)
     ci_low = ci_high = math.nan
     if n_boot > 0:
-        p, o, _ = _pooled_boot(blocks)
-        boot = np.divide(p - o, o, out=np.where(p == o, 0.0, np.nan), where=o > 0)
-        ci_low, ci_high = _interval(boot, ci)
+        pair = np.concatenate([bl.pair_cost for bl in blocks])
+        opt = np.concatenate([bl.opt_cost for bl in blocks])
+        vals = []
+        for idx in _resamples(blocks, n_boot, _default_generator(generator)):
+            p = pair[idx].mean(1)
+            o = np.minimum(opt[idx].mean(1), p)
+            vals.append(np.divide(p - o, o, out=np.where(p == o, 0.0, np.nan), where=o > 0))
+        ci_low, ci_high = _interval(np.concatenate(vals), ci)
     block_values = tuple(_ratio(bl.e_pair - bl.e_opt, bl.e_opt) for bl in blocks)
     return TransportResult(
         value=value, e_model=e_model, e_opt=e_opt, n=z.shape[0], dim=z.shape[1],
         block_size=max(bl.n for bl in blocks), n_blocks=len(blocks),
         ci_low=ci_low, ci_high=ci_high, ci=ci, n_boot=n_boot,
-        bootstrap="pairs, fixed assignment",
+        bootstrap="pairs stratified by block, fixed assignment",
         block_values=block_values, block_std=_std(list(block_values)),
     )
 
 
 def copy_diagnostics(
     student: torch.Tensor, teacher: torch.Tensor, *, block_size: int = 10_000,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """Two assignment-free signs of copying, per block then pooled.
 
@@ -506,12 +736,12 @@ def copy_diagnostics(
     hits = chance = e_pair = e_ind = 0.0
     n = s.shape[0]
     for lo, hi in _block_bounds(n, block_size):
-        cost = pairwise_cost(s[lo:hi], t[lo:hi], dtype=dtype)
         b = hi - lo
-        hits += float((cost.argmin(axis=1) == np.arange(b)).sum())
+        for r0, _, rows in _cost_rows(s[lo:hi], t[lo:hi], dtype, None):
+            hits += float((rows.argmin(axis=1) == np.arange(r0, r0 + rows.shape[0])).sum())
         chance += 1.0  # b * (1 / b) expected hits per block
         e_pair += float(_direct_cost(s[lo:hi], t[lo:hi]).sum())
-        e_ind += float(cost.mean()) * b
+        e_ind += _ind_terms(s[lo:hi], t[lo:hi])[0] * b
     return {"own_pair_rate": hits / n, "chance_rate": chance / n, "pair_ind_ratio": _ratio(e_pair, e_ind)}
 
 
@@ -525,7 +755,9 @@ class PairingInefficiency:
     ``update(student, teacher)`` stores the batches (detached, on their device);
     ``compute()`` gathers them from every rank when ``torch.distributed`` is initialised (rank
     order, then batch order) and calls :func:`pairing_inefficiency` with the keyword arguments
-    given at construction; every rank gets the same result. ``reset()`` empties the store.
+    given at construction; every rank gets the same result. A rank may hold no pairs (every rank
+    must still call ``compute()``); when no rank holds any, every rank raises. ``reset()`` empties
+    the store.
 
     >>> m = PairingInefficiency(n_boot=0)
     >>> t = torch.randn(8, 2)
@@ -535,6 +767,8 @@ class PairingInefficiency:
     """
 
     def __init__(self, **kwargs) -> None:
+        import inspect
+
         allowed = set(inspect.signature(pairing_inefficiency).parameters) - {"student", "teacher"}
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
@@ -566,12 +800,38 @@ class PairingInefficiency:
         return sum(x.shape[0] for x in self._student)
 
     def compute(self) -> PairingResult:
-        if not self._student:
-            raise ShapeError("PairingInefficiency.compute: no pairs; call update() first")
-        s, t = torch.cat(self._student), torch.cat(self._teacher)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            s, t = _gather_rows(s), _gather_rows(t)
-        return pairing_inefficiency(s, t, **self.kwargs)
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            if not self._student:
+                raise ShapeError("PairingInefficiency.compute: no pairs; call update() first")
+            return pairing_inefficiency(torch.cat(self._student), torch.cat(self._teacher), **self.kwargs)
+        # Agree on the per-sample shape first, so a rank without pairs joins the gather instead of
+        # raising alone (which left the other ranks waiting in all_gather for ever).
+        local = None
+        if self._student:
+            local = (tuple(self._student[0].shape[1:]), str(self._student[0].dtype).removeprefix("torch."))
+        metas: list = [None] * dist.get_world_size()
+        dist.all_gather_object(metas, local)
+        known = sorted({m for m in metas if m is not None})
+        if not known:
+            raise ShapeError("PairingInefficiency.compute: no pairs on any rank; call update() first")
+        if len(known) > 1:
+            raise ShapeError(f"PairingInefficiency.compute: ranks hold different per-sample shapes or "
+                             f"dtypes: {known}")
+        shape, dtype = known[0]
+        device = _backend_device()
+        if self._student:
+            s, t = torch.cat(self._student).to(device), torch.cat(self._teacher).to(device)
+        else:
+            s = t = torch.empty((0, *shape), dtype=getattr(torch, dtype), device=device)
+        return pairing_inefficiency(_gather_rows(s), _gather_rows(t), **self.kwargs)
+
+
+def _backend_device() -> torch.device:
+    """Where collective tensors must live for the process group's backend."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _shape(x) -> object:
@@ -579,7 +839,8 @@ def _shape(x) -> object:
 
 
 def _gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x: (n_r, ...)`` of every rank in rank order (ranks may hold different n_r)."""
+    """Concatenate ``x: (n_r, ...)`` of every rank in rank order (ranks may hold different n_r,
+    including 0)."""
     dist = torch.distributed
     world = dist.get_world_size()
     n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)

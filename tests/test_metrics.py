@@ -123,7 +123,7 @@ def test_one_dimensional_optimum_is_sorted_matching():
     g = _gen(5)
     s = torch.randn(257, 1, generator=g) * 2 + 0.3
     t = torch.rand(257, 1, generator=g)
-    r = pairing_inefficiency(s, t, n_boot=0)
+    r = pairing_inefficiency(s, t, n_boot=0, dtype=torch.float64)  # float64 products: exact ties
     sorted_cost = float((s.double().sort(0).values - t.double().sort(0).values).square().mean())
     assert r.e_opt == pytest.approx(sorted_cost, rel=1e-12)
     e_ind = float((s.double() - t.double().T).square().mean())
@@ -321,6 +321,16 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         m.update(s[bounds[0] : bounds[1]], t[bounds[0] : bounds[1]])
         r = m.compute()
         torch.save(r.to_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        # a rank that holds no pairs joins the gather instead of leaving the others waiting
+        m.reset()
+        if rank == 0:
+            m.update(s, t)
+        torch.save(m.compute().to_dict(), os.path.join(out_dir, f"rank{rank}-empty.pt"))
+        m.reset()
+        try:
+            m.compute()
+        except ShapeError as e:  # every rank raises, none hangs
+            torch.save(str(e), os.path.join(out_dir, f"rank{rank}-none.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -335,3 +345,191 @@ def test_accumulator_gathers_across_processes(tmp_path):
     expected = json.dumps(pairing_inefficiency(s, t, n_boot=20).to_dict())  # JSON: NaN == NaN
     for rank in range(2):
         assert json.dumps(torch.load(tmp_path / f"rank{rank}.pt")) == expected
+        assert json.dumps(torch.load(tmp_path / f"rank{rank}-empty.pt")) == expected
+        assert "no pairs on any rank" in torch.load(tmp_path / f"rank{rank}-none.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# The population bracket, against closed forms
+
+
+def _rotated_linear(d: int, theta: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)``: a power-law Gaussian teacher ``T(z) = B z`` and the student ``G(z) = B R z`` with
+    ``R = expm(theta S / sqrt(d))``, ``S`` skew: the same law, so the population Delta E is
+    ``E_pair / E_ind``."""
+    g = _gen(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    B = q @ torch.diag(torch.arange(1, d + 1, dtype=torch.float64).rsqrt())
+    S = torch.randn(d, d, generator=g, dtype=torch.float64)
+    R = torch.linalg.matrix_exp(theta * (S - S.T) / 2 / math.sqrt(d))
+    return B @ R, B
+
+
+def _bracket_trials(A, B, n, repeats, seed):
+    """Bracket the population Delta E of ``G(z) = A z`` against ``T(z) = B z`` on ``repeats``
+    independent noise draws; returns the results."""
+    out = []
+    for r in range(repeats):
+        z = torch.randn(n, A.shape[1], generator=_gen(seed + 7919 * r), dtype=torch.float64)
+        out.append(pairing_inefficiency((z @ A.T).float(), (z @ B.T).float(), n_boot=100,
+                                        generator=_gen(r)))
+    return out
+
+
+@pytest.mark.slow
+def test_bracket_contains_population_delta_e_of_rotated_linear_students():
+    from dmdcopy.metrics import gaussian_delta_e
+
+    tol, widths, covered, total = 0.02, {}, 0, 0
+    for d, theta, n in itertools.product((2, 8, 64, 256), (0.3, 1.0), (500, 2000)):
+        A, B = _rotated_linear(d, theta, seed=d)
+        population = gaussian_delta_e(A, B).delta_e
+        results = _bracket_trials(A, B, n, repeats=10 if n == 500 else 4, seed=n + d)
+        ok = [r.delta_e_lower <= population + tol and population <= r.delta_e_upper + tol for r in results]
+        assert sum(ok) >= 0.95 * len(ok), (d, theta, n, population, [r.bracket for r in results])
+        covered += sum(r.bracket_low <= population <= r.bracket_high for r in results)
+        total += len(results)
+        widths[d, theta, n] = float(np.mean([r.delta_e_upper - r.delta_e_lower for r in results]))
+    assert covered >= 0.9 * total, (covered, total)  # nominal 95 % intervals at both ends
+    # In high dimension the finite-N figure reads 0 while the population value does not: the
+    # bracket is wide there, and says so.
+    assert widths[256, 1.0, 2000] > 0.15 and widths[2, 0.3, 2000] < 0.02
+
+
+def test_bracket_of_noisy_copies_with_a_distribution_mismatch():
+    from dmdcopy.metrics import gaussian_delta_e
+
+    d, n = 64, 2000
+    _, B = _rotated_linear(d, 1.0, seed=3)
+    zero = torch.zeros(d, d, dtype=torch.float64)
+    A, Bn = torch.cat([B, 0.3 * torch.eye(d, dtype=torch.float64)], 1), torch.cat([B, zero], 1)
+    truth = gaussian_delta_e(A, Bn)
+    assert truth.e_opt > 0  # the student's law is wider than the teacher's
+    for r in _bracket_trials(A, Bn, n, repeats=3, seed=11):
+        assert r.delta_e < 0.01  # the finite-N figure calls it a perfect copy ...
+        assert r.delta_e_lower - 0.02 <= truth.delta_e <= r.delta_e_upper + 0.02  # ... the bracket does not
+        assert r.e_opt_lower <= truth.e_opt * 1.05 and r.e_opt >= truth.e_opt
+        assert any("too wide" in w for w in r.warnings)
+
+
+def test_bracket_of_relabelled_modes_where_w2_is_zero():
+    # K separated modes; the student sends seed i to the next mode: the same law (W2 = 0), so the
+    # population Delta E is E_pair / E_ind, above 1 (a systematic remap).
+    g = _gen(20)
+    K, d, n = 6, 16, 1200
+    centers = 4 * torch.randn(K, d, generator=g, dtype=torch.float64)
+    labels = torch.arange(n) % K
+    t = centers[labels] + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    s = centers[(labels + 1) % K] + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    d2 = torch.cdist(centers, centers).square() / d
+    e_pair = float(d2[torch.arange(K), (torch.arange(K) + 1) % K].mean()) + 2 * 0.09
+    e_ind = float(d2.mean()) + 2 * 0.09
+    population = e_pair / e_ind
+    r = pairing_inefficiency(s, t, n_boot=200)
+    assert population > 1
+    assert r.delta_e_lower - 0.03 <= population <= r.delta_e_upper + 0.03
+    assert r.bracket_low <= population <= r.bracket_high
+    # with E_pair > E_ind Delta E grows with E_opt: the finite-N figure is the upper end here
+    assert r.delta_e == r.delta_e_upper
+
+
+def test_collapsed_student_is_flagged():
+    g = _gen(21)
+    angles = torch.arange(8) * 2 * math.pi / 8
+    means = 2 * torch.stack([angles.cos(), angles.sin()], 1)
+    t = means[torch.randint(8, (800,), generator=g)] + 0.1 * torch.randn(800, 2, generator=g)
+    s = means[0] + 0.1 * torch.randn(800, 2, generator=g)  # every seed lands in one mode
+    r = pairing_inefficiency(s, t, n_boot=50)
+    assert not r.reliable and any("collapsed" in w for w in r.warnings)
+    healthy = pairing_inefficiency(t + 0.05 * torch.randn(800, 2, generator=g), t, n_boot=50)
+    assert healthy.reliable, healthy.warnings
+
+
+def test_bracket_ends_are_consistent():
+    g = _gen(22)
+    t = torch.randn(400, 12, generator=g)
+    s = t + 0.7 * torch.randn(400, 12, generator=g)
+    r = pairing_inefficiency(s, t, n_boot=100)
+    assert r.delta_e_lower <= r.delta_e_upper and r.bracket_low <= r.delta_e_lower
+    assert r.delta_e_upper <= r.bracket_high
+    assert 0 <= r.e_opt_lower <= r.e_opt <= r.e_pair <= r.e_ind
+    assert r.delta_e == r.delta_e_lower  # E_pair < E_ind: the finite-N figure is the lower end
+    assert r.delta_e_upper == pytest.approx((r.e_pair - r.e_opt_lower) / (r.e_ind - r.e_opt_lower))
+    d = r.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["warnings"] == list(r.warnings)
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.floats(0.05, 20.0), shift=st.floats(-50.0, 50.0))
+def test_bracket_is_invariant_to_common_scaling_translation_rotation(seed, scale, shift):
+    g = _gen(seed)
+    n, d = 160, 5  # rank = dim: the fitted potential rotates with the data
+    t = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.arange(1, d + 1)
+    s = t + 0.8 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    offset = shift * torch.randn(d, generator=g, dtype=torch.float64)
+    ref = pairing_inefficiency(s, t, n_boot=30, dtype=torch.float64)
+    moved = pairing_inefficiency(scale * s @ q + offset, scale * t @ q + offset, n_boot=30,
+                                 dtype=torch.float64)
+    for key in ("delta_e_lower", "delta_e_upper", "bracket_low", "bracket_high"):
+        assert getattr(moved, key) == pytest.approx(getattr(ref, key), rel=1e-6, abs=1e-9), key
+    assert moved.e_opt_lower == pytest.approx(scale**2 * ref.e_opt_lower, rel=1e-6, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision, solvers, features, progress
+
+
+def test_float32_products_and_both_solvers_give_the_float64_value():
+    from dmdcopy.metrics import lapjv_assignment, scipy_assignment
+
+    g = _gen(23)
+    for d in (2, 48):
+        t = torch.randn(600, d, generator=g) + 10.0
+        s = t + 0.8 * torch.randn(600, d, generator=g)
+        ref = pairing_inefficiency(s, t, n_boot=0, dtype=torch.float64, assignment=scipy_assignment)
+        for solver in (scipy_assignment, lapjv_assignment, None):
+            r = pairing_inefficiency(s, t, n_boot=0, assignment=solver)  # float32 products
+            assert r.e_opt == pytest.approx(ref.e_opt, rel=1e-6)
+            assert r.delta_e == pytest.approx(ref.delta_e, rel=1e-6, abs=1e-9)
+            assert r.e_pair == ref.e_pair and r.e_ind == pytest.approx(ref.e_ind, rel=1e-12)
+
+
+def test_a_wrong_solver_is_caught():
+    t = torch.randn(20, 3, generator=_gen(24))
+    with pytest.raises(ShapeError, match="no permutation"):
+        pairing_inefficiency(t, t, n_boot=0, assignment=lambda c: np.zeros(len(c), dtype=np.int64))
+
+
+def test_features_define_the_space_of_the_metric():
+    g = _gen(25)
+    t = torch.randn(300, 3, 4, 4, generator=g)
+    s = t + 0.5 * torch.randn(300, 3, 4, 4, generator=g)
+    W = torch.randn(48, 7, generator=g)
+
+    def features(x):
+        return x.flatten(1) @ W
+
+    direct = pairing_inefficiency(features(s), features(t), n_boot=20)
+    via = pairing_inefficiency(s, t, n_boot=20, features=features, feature_batch=64)
+    assert via.dim == 7 and via.delta_e == pytest.approx(direct.delta_e, rel=1e-6)
+    assert via.delta_e_upper == pytest.approx(direct.delta_e_upper, rel=1e-6)
+    with pytest.raises(ShapeError, match="features must map"):
+        pairing_inefficiency(s, t, features=lambda x: x.flatten()[:5])
+    with pytest.raises(ConfigError, match="callable"):
+        pairing_inefficiency(s, t, features="inception")
+
+
+def test_progress_reports_every_stage_in_order():
+    g = _gen(26)
+    t = torch.randn(200, 4, generator=g)
+    calls = []
+    pairing_inefficiency(t + torch.randn(200, 4, generator=g), t, n_boot=300, block_size=100,
+                         progress=lambda stage, done, total: calls.append((stage, done, total)))
+    stages = [c[0] for c in calls]
+    assert stages.index("assignment") < stages.index("bound") < stages.index("bootstrap")
+    assert ("assignment", 2, 2) in calls and ("bootstrap", 300, 300) in calls and "cost" in stages
+    for stage in set(stages):
+        done = [c[1] for c in calls if c[0] == stage and c[1] <= c[2]]
+        assert done == sorted(done) or stage == "cost"  # cost restarts per block
