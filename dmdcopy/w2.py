@@ -195,13 +195,30 @@ def _ridge(cov: torch.Tensor) -> torch.Tensor:
     return cov + (_RIDGE * scale + 1e-300) * torch.eye(k, dtype=cov.dtype, device=cov.device)
 
 
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    # The big products run in the samples' precision (float32, or float64 when given); the small
+    # (n, r) and (r, r) algebra and every sum that the bound's cancellation depends on in float64.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _project(x: torch.Tensor, m: torch.Tensor, U: torch.Tensor, v: torch.Tensor | None = None):
+    """For rows ``x: (n, dim)`` centred at ``m``: ``(P, |x'|^2, x'.v)`` with ``P = x' U: (n, r)``,
+    all float64 (``x'.v`` only when ``v`` is given)."""
+    wd = _work_dtype(x)
+    xc = x.to(wd) - m.to(wd)  # (n, dim)
+    proj = (xc @ U.to(wd)).double()
+    sq = xc.square().sum(1).double()
+    lin = (xc @ v.to(wd)).double() if v is not None else None
+    return proj, sq, lin
+
+
 @dataclass
 class _Potential:
     """``phi(x) = x'^T M x' / 2 + m_b . x`` with ``x' = x - m_a`` and
     ``M = U K U^T + c (I - U U^T)`` (a quadratic potential whose gradient maps the ``a`` law onto
     the ``b`` law when both are Gaussian with the fitted moments)."""
 
-    m_a: torch.Tensor  # (dim,)
+    m_a: torch.Tensor  # (dim,) float64
     m_b: torch.Tensor  # (dim,)
     U: torch.Tensor  # (dim, r) orthonormal
     K: torch.Tensor  # (r, r) positive definite
@@ -214,43 +231,48 @@ class _Potential:
         out = []
         delta = self.m_a - self.m_b
         for lo in range(0, a.shape[0], _CHUNK):
-            x = a[lo:lo + _CHUNK].double() - self.m_a  # (n, dim)
-            y = b[lo:lo + _CHUNK].double() - self.m_b
-            px, py = x @ self.U, y @ self.U  # (n, r)
-            x_sq, y_sq = x.square().sum(1), y.square().sum(1)
+            px, x_sq, x_lin = _project(a[lo:lo + _CHUNK], self.m_a, self.U, delta)  # (n, r), (n,), (n,)
+            py, y_sq, y_lin = _project(b[lo:lo + _CHUNK], self.m_b, self.U, delta)
             px_sq, py_sq = px.square().sum(1), py.square().sum(1)
             xMx = ((px @ self.K) * px).sum(1) + self.c * (x_sq - px_sq)
-            yMy = ((py @ self.K_inv) * py).sum(1) + (x_sq.new_tensor(1.0) / self.c) * (y_sq - py_sq)
-            # phi*(y) = m_a . (y - m_b) + y'^T M^-1 y' / 2 (conjugate of the quadratic above)
-            out.append(x_sq + y_sq - xMx - yMy + delta.square().sum() + 2 * ((x - y) @ delta))
+            yMy = ((py @ self.K_inv) * py).sum(1) + (y_sq - py_sq) / self.c
+            # phi*(y) = m_a . (y - m_b) + y'^T M^-1 y' / 2 (conjugate of the quadratic above);
+            # x - y = x' - y' + delta
+            out.append(x_sq + y_sq - xMx - yMy + delta.square().sum() + 2 * (x_lin - y_lin))
         return torch.cat(out)
+
+
+def _mean64(x: torch.Tensor) -> torch.Tensor:
+    chunks = (x[lo:lo + _CHUNK].to(_work_dtype(x)).sum(0).double() for lo in range(0, x.shape[0], _CHUNK))
+    return sum(chunks) / x.shape[0]
 
 
 def _fit_potential(a: torch.Tensor, b: torch.Tensor, rank: int, generator: torch.Generator) -> _Potential:
     """Fit the Gaussian optimal map from the law of ``a: (n, dim)`` to that of ``b``."""
-    m_a, m_b = a.double().mean(0), b.double().mean(0)
+    m_a, m_b = _mean64(a), _mean64(b)
     n, dim = a.shape
     if rank >= dim:
         U = torch.eye(dim, dtype=torch.float64, device=a.device)
     else:
-        xa = a.to(torch.float32) - m_a.to(torch.float32)
-        xb = b.to(torch.float32) - m_b.to(torch.float32)
-        pooled = torch.cat([xa, xb])  # (2n, dim): the directions where either law has variance
+        # (2m, dim): the directions where either law has variance. m rows of each suffice to find
+        # them (any subspace gives a valid bound; a good one a tight bound).
+        m = min(n, max(16 * rank, 1024))
+        pooled = torch.cat([a[:m].to(torch.float32) - m_a.float(), b[:m].to(torch.float32) - m_b.float()])
         with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global generator
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-            _, _, V = torch.svd_lowrank(pooled, q=min(rank + 8, *pooled.shape), niter=3)
+            _, _, V = torch.svd_lowrank(pooled, q=min(rank + 8, *pooled.shape), niter=2)
+        del pooled
         U, _ = torch.linalg.qr(V[:, :rank].double())  # (dim, r), orthonormal in float64
     cov_a = torch.zeros(U.shape[1], U.shape[1], dtype=torch.float64, device=a.device)
     cov_b = torch.zeros_like(cov_a)
     res_a = res_b = 0.0
     for lo in range(0, n, _CHUNK):
-        x = a[lo:lo + _CHUNK].double() - m_a
-        y = b[lo:lo + _CHUNK].double() - m_b
-        px, py = x @ U, y @ U
+        px, x_sq, _ = _project(a[lo:lo + _CHUNK], m_a, U)
+        py, y_sq, _ = _project(b[lo:lo + _CHUNK], m_b, U)
         cov_a += px.T @ px
         cov_b += py.T @ py
-        res_a += float(x.square().sum() - px.square().sum())
-        res_b += float(y.square().sum() - py.square().sum())
+        res_a += float(x_sq.sum() - px.square().sum())
+        res_b += float(y_sq.sum() - py.square().sum())
     K = K_inv = cov_a  # (0, 0) when no principal direction is fitted
     if U.shape[1] > 0:
         cov_a, cov_b = _ridge(cov_a / n), _ridge(cov_b / n)
