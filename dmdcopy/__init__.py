@@ -1,8 +1,8 @@
 """dmdcopy: Distribution Matching Distillation and the Delta E copying metric.
 
 The layers, bottom to top: ``schedules``, ``noise`` -> ``precond``, ``samplers``, ``teachers``,
-``nets``, ``losses``, ``metrics`` -> ``students``, ``pairs``, ``io`` -> ``distill``,
-``data``, ``experiments`` -> ``cli``.
+``nets``, ``losses``, ``metrics`` -> ``students``, ``pairs``, ``io`` -> ``measure`` ->
+``distill``, ``data``, ``experiments`` -> ``cli``.
 """
 
 from dmdcopy import (
@@ -12,6 +12,7 @@ from dmdcopy import (
     experiments,
     io,
     losses,
+    measure,
     metrics,
     nets,
     noise,
@@ -25,6 +26,7 @@ from dmdcopy import (
 from dmdcopy.distill import DeltaECallback, DistillConfig, Distiller
 from dmdcopy.errors import CheckpointError, ConfigError, DmdcopyError, NonFiniteError, ShapeError
 from dmdcopy.io import load, save
+from dmdcopy.measure import DeltaEReport, TeacherSamples, delta_e, measure_student, teacher_samples
 from dmdcopy.metrics import (
     PairingInefficiency,
     PairingResult,
@@ -49,6 +51,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DeltaECallback",
+    "DeltaEReport",
     "DhariwalUNet",
     "DistillConfig",
     "Distiller",
@@ -66,12 +69,14 @@ __all__ = [
     "Precond",
     "ShapeError",
     "SongUNet",
+    "TeacherSamples",
     "TransportResult",
     "VEPrecond",
     "VPPrecond",
     "__version__",
     "copy_diagnostics",
     "data",
+    "delta_e",
     "distill",
     "dmd_sigma_grid",
     "dpmpp_2m",
@@ -86,6 +91,8 @@ __all__ = [
     "labels_for_seeds",
     "load",
     "losses",
+    "measure",
+    "measure_student",
     "metrics",
     "nets",
     "noise",
@@ -99,6 +106,7 @@ __all__ = [
     "schedules",
     "students",
     "teacher_ode",
+    "teacher_samples",
     "teachers",
     "transport_inefficiency",
     "ve_sigmas",

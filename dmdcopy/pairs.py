@@ -135,6 +135,58 @@ def _diff(old: dict, new: dict) -> list[str]:
     return out
 
 
+def _stored_labels(store: PairStore) -> Callable[[int], torch.Tensor] | None:
+    """The class labels of shard ``k`` as the store's manifest defines them (None: unconditional)."""
+    info = store.manifest["labels"]
+    if info["kind"] == "none":
+        return None
+    if info["kind"] == "labels_for_seeds":
+        return lambda k: labels_for_seeds(store.shard_seeds(k), int(info["num_classes"]))
+
+    def read(k: int) -> torch.Tensor:  # labels given by the caller: only the shard itself has them
+        return store._read_shard(k)["labels"]
+
+    return read
+
+
+def _subset_shards(
+    store: PairStore, manifest: dict, seeds: list[int], given_labels: torch.Tensor | None
+) -> list[int] | None:
+    """The shards of ``store`` that hold ``seeds`` when the request differs from the store only in
+    asking for a subset of its seeds (and, with ``given_labels``, in how the labels were made);
+    ``None`` when the request is not such a subset (the caller reports the settings that differ).
+    Given labels must equal the stored labels of those seeds."""
+    old = store.manifest
+    others = (set(old) | set(manifest)) - {_INFO_KEY, "seeds", "labels"}
+    if any(old.get(k) != manifest.get(k) for k in others):
+        return None
+    index = {s: i for i, s in enumerate(store.seeds)}
+    if any(s not in index for s in seeds):
+        return None
+    shards = sorted({index[s] // store.shard_size for s in seeds})
+    if given_labels is None:
+        return shards if old["labels"] == manifest["labels"] else None
+    num_classes = int(old["labels"]["num_classes"])
+    if num_classes < 1 or int(given_labels.max()) >= num_classes or int(given_labels.min()) < 0:
+        return None
+    if old["labels"]["kind"] == "given":
+        missing = [k for k in shards if not store.shard_ok(k)]
+        if missing:
+            raise ConfigError(f"{store.directory}: shard {missing[0]} holding requested seeds is missing and "
+                              "the store's class labels were given when it was made; complete it with "
+                              "generate_pairs on the store's own seeds and class_labels")
+        stored = store.load(seeds)[2]
+    else:
+        stored = labels_for_seeds(seeds, num_classes)
+    differ = torch.nonzero(stored.cpu() != given_labels.cpu()).flatten()
+    if differ.numel():
+        i = int(differ[0])
+        raise ConfigError(f"{store.directory}: class_labels differ from the stored labels for "
+                          f"{differ.numel()} of the {len(seeds)} requested seeds (seed {seeds[i]}: stored "
+                          f"{int(stored[i])}, given {int(given_labels[i])})")
+    return shards
+
+
 class PairStore:
     """Read a pair store written by :func:`generate_pairs`.
 
@@ -315,10 +367,13 @@ def generate_pairs(
     Args:
         D: the teacher denoiser ``D(x, sigma, class_labels=None)``.
         seeds: ``N`` distinct non-negative seeds; noise of seed ``i`` is ``noise_for_seeds([i])``.
-        out_dir: the store directory (created). If it holds a store made with other settings
-            (seeds, shape, solver, grid, teacher weights, labels, shard size, noise storage),
-            :class:`ConfigError` lists the differences; a matching store is completed, reusing
-            every shard that reads back correctly.
+        out_dir: the store directory (created). A store there made with the same settings is
+            completed, reusing every shard that reads back correctly. A store holding more seeds
+            than requested (``seeds`` a subset of its seeds, in any order, all else equal) serves
+            them: only the shards holding them are completed if missing, and given
+            ``class_labels`` must equal its labels for those seeds. Any other difference (seeds
+            outside the store, shape, solver, grid, teacher weights, labels, shard size, noise
+            storage) is a :class:`ConfigError` listing the differences.
         sample_shape: per-sample shape; default ``D.sample_shape``.
         sigmas: ``(steps + 1,)`` grid ending in 0; default :func:`default_sigmas` (that of
             :func:`dmdcopy.samplers.teacher_ode`). Recorded exactly in the manifest.
@@ -336,7 +391,8 @@ def generate_pairs(
         progress: called as ``progress(done, total)`` with this rank's pair counts after
             every batch and every reused shard (the CLI passes a tqdm update).
 
-    Returns: a :class:`PairStore` on the directory (after every rank has finished).
+    Returns: a :class:`PairStore` on the directory (after every rank has finished); it may hold
+    more seeds than requested, so read them with ``store.load(seeds)``.
 
     Runs under ``torch.no_grad()``: pairs are data, never differentiated.
     """
@@ -397,19 +453,29 @@ def generate_pairs(
     out = Path(out_dir)
     path = out / MANIFEST
     rank, world = _dist()
+    needed: list[int] | None = None  # shards a subset request needs (None: every shard)
     if path.is_file():
-        old = PairStore(out).manifest
-        diffs = _diff(old, manifest)
+        old_store = PairStore(out)
+        diffs = _diff(old_store.manifest, manifest)
         if diffs:
-            raise ConfigError(f"{out}: this pair cache was made with other settings ("
-                              + "; ".join(diffs) + "); use another directory or delete this one")
+            needed = _subset_shards(old_store, manifest, seed_list,
+                                    labels_all if class_labels is not None else None)
+            if needed is None:
+                raise ConfigError(f"{out}: this pair cache was made with other settings ("
+                                  + "; ".join(diffs) + "); use another directory or delete this one")
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     _barrier()
 
     store = PairStore(out)
-    mine = list(range(rank, store.num_shards, world))
+    if needed is None:
+        needed = list(range(store.num_shards))
+        shard_labels = None if labels_all is None else (
+            lambda k: labels_all[k * shard_size : k * shard_size + len(store.shard_seeds(k))])
+    else:
+        shard_labels = _stored_labels(store)
+    mine = needed[rank::world]
     total = sum(len(store.shard_seeds(k)) for k in mine)
     done = 0
     with torch.no_grad():
@@ -420,14 +486,14 @@ def generate_pairs(
                 if progress is not None:
                     progress(done, total)
                 continue
-            lo = k * shard_size
+            labels_k = shard_labels(k) if shard_labels is not None else None
             xs, zs = [], []
             for b in range(0, len(shard), batch):
                 chunk = shard[b : b + batch]
                 z = noise_for_seeds(chunk, sample_shape, device=device, dtype=dtype)
                 y = None
-                if labels_all is not None:
-                    y = labels_all[lo + b : lo + b + len(chunk)].to(device)
+                if labels_k is not None:
+                    y = labels_k[b : b + len(chunk)].to(device)
                 x = teacher_ode(D, z, grid, solver, class_labels=y)
                 xs.append(x.to(device="cpu", dtype=dtype))
                 if store_noise:
@@ -439,8 +505,8 @@ def generate_pairs(
             if not bool(torch.isfinite(tensors["x"]).all()):
                 raise ConfigError(f"generate_pairs: the teacher produced NaN or inf for shard {k} "
                                   f"(seeds {shard[0]}..{shard[-1]}); nothing was written for it")
-            if labels_all is not None:
-                tensors["labels"] = labels_all[lo : lo + len(shard)].clone()
+            if labels_k is not None:
+                tensors["labels"] = labels_k.clone()
             if store_noise:
                 tensors["noise"] = torch.cat(zs).contiguous()
             meta = {"settings": store.settings_sha, "shard": str(k)}

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from dmdcopy.cli import main
 from dmdcopy.distill.callbacks import DeltaECallback
-from dmdcopy.errors import ConfigError
-from dmdcopy.io import save
+from dmdcopy.errors import CheckpointError, ConfigError
+from dmdcopy.io import load, read_metadata, save
+from dmdcopy.measure import delta_e
 from dmdcopy.nets import MLP
 from dmdcopy.noise import noise_for_seeds
-from dmdcopy.pairs import generate_pairs
+from dmdcopy.pairs import generate_pairs, teacher_fingerprint
 from dmdcopy.precond import EDMPrecond
 from dmdcopy.samplers import teacher_ode
 from dmdcopy.schedules import karras_sigmas
@@ -132,6 +139,166 @@ def test_errors_are_one_line(ckpts, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# Your own classes by import path (tests/userpkg stands in for an installed package)
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def user_ckpts(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    from userpkg.nets import build_student, build_teacher
+
+    torch.manual_seed(3)
+    teacher, student = build_teacher(width=16), build_student(width=16)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    save_file(teacher.state_dict(), tmp_path / "teacher_plain.safetensors")  # no dmdcopy metadata
+    save(teacher, tmp_path / "teacher.safetensors")  # dmdcopy's format, records a user class
+    torch.save(student.state_dict(), tmp_path / "student.pt")
+    save_file(student.state_dict(), tmp_path / "student.safetensors")
+    with torch.no_grad():
+        expected = delta_e(teacher, student, range(60), sigmas=karras_sigmas(5, 0.002, 80.0), n_boot=0)
+    return tmp_path, teacher, expected.result.delta_e
+
+
+TEACHER_ARCH = ["--teacher-arch", "userpkg.nets:build_teacher", "--teacher-kwargs", '{"width": 16}']
+STUDENT_ARCH = ["--student-arch", "userpkg.nets:build_student", "--student-kwargs", '{"width": 16}']
+
+
+def _user_run(d, teacher, student, *extra):
+    return ["delta-e", "--teacher", str(d / teacher), "--student", str(d / student), "--seeds", "0-59",
+            "--steps", "5", "--bootstrap", "0", "--no-progress", *extra]
+
+
+def test_user_classes_from_the_command_line_in_a_fresh_process(user_ckpts):
+    """The real command in a subprocess: the user's package is found on PYTHONPATH only."""
+    d, _, expected = user_ckpts
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    argv = _user_run(d, "teacher.pt", "student.safetensors", *TEACHER_ARCH, *STUDENT_ARCH, "--out",
+                     str(d / "r.json"))
+    done = subprocess.run([sys.executable, "-m", "dmdcopy", *argv], cwd=d, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "population Delta E bracket" in done.stdout
+    report = json.loads((d / "r.json").read_text())
+    assert report["delta_e"]["delta_e"] == pytest.approx(expected, abs=1e-6)
+    assert report["settings"]["teacher_arch"] == "userpkg.nets:build_teacher"
+    assert report["settings"]["student_class"] == "Generator"
+
+
+def test_user_classes_every_file_kind_and_a_denoiser_student(user_ckpts, capsys):
+    d, teacher, expected = user_ckpts
+    for teacher_file, student_file in (("teacher.safetensors", "student.pt"),
+                                       ("teacher_plain.safetensors", "student.safetensors")):
+        out = d / f"{teacher_file}.json"
+        assert main(_user_run(d, teacher_file, student_file, *TEACHER_ARCH, *STUDENT_ARCH,
+                              "--out", str(out))) == 0
+        assert json.loads(out.read_text())["delta_e"]["delta_e"] == pytest.approx(expected, abs=1e-6)
+    # a user denoiser as the student is wrapped as OneStepStudent: the same network reads a copy
+    student_arch = ["--student-arch", "userpkg.nets:build_teacher", "--student-kwargs", '{"width": 16}']
+    assert main(_user_run(d, "teacher.pt", "teacher.pt", *TEACHER_ARCH, *student_arch,
+                          "--out", str(d / "self.json"))) == 0
+    report = json.loads((d / "self.json").read_text())
+    assert report["settings"]["student_class"] == "OneStepStudent"
+    assert report["settings"]["student_sigma"] == 80.0
+    with torch.no_grad():
+        wrapped = delta_e(teacher, OneStepStudent(teacher), range(60), sigmas=karras_sigmas(5, 0.002, 80.0),
+                          n_boot=0)
+    assert report["delta_e"]["delta_e"] == pytest.approx(wrapped.result.delta_e, abs=1e-6)
+    capsys.readouterr()
+
+
+def test_convert_with_a_user_architecture(user_ckpts, capsys):
+    d, teacher, _ = user_ckpts
+    out = d / "converted.safetensors"
+    assert main(["convert", str(d / "teacher.pt"), str(out), *["--arch", "userpkg.nets:build_teacher"],
+                 "--kwargs", '{"width": 16}']) == 0
+    printed = capsys.readouterr().out
+    assert "Denoiser" in printed and "same --arch" in printed
+    assert read_metadata(out)["arch"] == "userpkg.nets:build_teacher"
+    with pytest.raises(CheckpointError, match="user-defined classes"):
+        load(out)
+    from userpkg.nets import build_teacher
+
+    filled = load(out, into=build_teacher(width=16))
+    assert all(torch.equal(a, b) for a, b in zip(filled.state_dict().values(), teacher.state_dict().values()))
+    assert main(["convert", str(d / "teacher.pt"), str(out), "--arch", "userpkg.nets:build_teacher",
+                 "--kwargs", '{"width": 8}']) == 1
+    assert "mismatched shapes" in _error_line(capsys)
+    assert main(["convert", str(d / "teacher.pt"), str(out), "--arch", "imagenet64"]) == 1
+    assert "module:builder" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher-arch", "userpkg.nope:build"], "no module named 'userpkg.nope'"),
+    (["--teacher-arch", "userpkg.nets:build_nothing"], "has no attribute 'build_nothing'"),
+    (["--teacher-arch", "userpkg.nets:WIDTH"], "not a callable"),
+    (["--teacher-arch", "userpkg.nets.build_teacher"], "expected 'module:callable'"),
+    (["--teacher-arch", "userpkg.nets:build_teacher", "--teacher-kwargs", '{"width": }'], "not valid JSON"),
+    (["--teacher-arch", "userpkg.nets:build_teacher", "--teacher-kwargs", "[16]"], "must be a JSON object"),
+    (["--teacher-arch", "userpkg.nets:build_teacher", "--teacher-kwargs", '{"width": -1}'],
+     "raised ValueError: width must be positive"),
+    (["--teacher-arch", "userpkg.nets:build_teacher", "--teacher-kwargs", '{"wide": 1}'], "raised TypeError"),
+    (["--teacher-arch", "userpkg.nets:build_teacher", "--teacher-kwargs", '{"width": 8}'],
+     "does not fit userpkg.nets:build_teacher .* mismatched shapes"),
+    (["--teacher-arch", "userpkg.nets:build_student"], "not a denoiser"),  # a generator as the teacher
+    (["--teacher-kwargs", '{"width": 16}'], "--teacher-kwargs needs --teacher-arch"),
+])
+def test_user_architecture_errors_are_one_line(user_ckpts, capsys, args, message):
+    d, _, _ = user_ckpts
+    teacher_file = "student.pt" if "userpkg.nets:build_student" in args else "teacher.pt"
+    assert main(_user_run(d, teacher_file, "student.pt", *STUDENT_ARCH, *args)) == 1
+    line = _error_line(capsys)
+    assert re.search(message, line), line
+    assert line.startswith("dmdcopy delta-e: error: --teacher")
+
+
+def test_missing_file_with_an_architecture_is_one_line(user_ckpts, capsys):
+    d, _, _ = user_ckpts
+    assert main(_user_run(d, "nothing.pt", "student.pt", *TEACHER_ARCH, *STUDENT_ARCH)) == 1
+    assert "nothing.pt: no such file" in _error_line(capsys)
+    # a dmdcopy file of a user class names the way out
+    assert main(_user_run(d, "teacher.safetensors", "student.pt", *STUDENT_ARCH)) == 1
+    assert "--teacher-arch" in _error_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's flow: `dmdcopy distill examples/configs/gmm2d.toml`, then `dmdcopy delta-e` on it
+
+
+def test_distill_gmm2d_then_delta_e(tmp_path, capsys):
+    config = (TESTS.parent / "examples" / "configs" / "gmm2d.toml").read_text()
+    short = {'out_dir = "runs/gmm2d"': f'out_dir = "{(tmp_path / "gmm2d").as_posix()}"',
+             'device = "auto"': 'device = "cpu"', "num_steps = 600": "num_steps = 4",
+             "batch_size = 256": "batch_size = 16", "hidden = 128": "hidden = 16", "depth = 3": "depth = 1",
+             "checkpoint_every = 200": "checkpoint_every = 4", "log_every = 50": "log_every = 2"}
+    for old, new in short.items():
+        assert old in config, old
+        config = config.replace(old, new)
+    (tmp_path / "gmm2d.toml").write_text(config)
+    assert main(["distill", str(tmp_path / "gmm2d.toml"), "--no-progress"]) == 0
+    run = tmp_path / "gmm2d"
+    assert f"dmdcopy delta-e --teacher {run / 'teacher.safetensors'}" in capsys.readouterr().out
+    teacher = load(run / "teacher.safetensors")
+    assert isinstance(teacher, GaussianMixtureTeacher) and teacher.means.shape == (8, 2)
+    assert main(["delta-e", "--teacher", str(run / "teacher.safetensors"), "--student",
+                 str(run / "student.safetensors"), "--seeds", "0-199", "--steps", "6", "--bootstrap", "20",
+                 "--pairs-cache", str(tmp_path / "pairs"), "--out", str(tmp_path / "r.json"),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "Delta E (finite N)" in printed and "population Delta E bracket" in printed
+    report = json.loads((tmp_path / "r.json").read_text())
+    r = report["delta_e"]
+    assert r["n"] == 200 and r["delta_e_lower"] <= r["delta_e_upper"]
+    assert report["settings"]["teacher_fingerprint"] == teacher_fingerprint(teacher)
+    # the same figure through the one library path
+    student = load(run / "student.safetensors")
+    again = delta_e(teacher, student, range(200), sigmas=karras_sigmas(6, 0.002, 80.0), n_boot=20)
+    assert again.result.delta_e == pytest.approx(r["delta_e"], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
 # Training callback
 
 GRID = karras_sigmas(8)
@@ -164,7 +331,9 @@ def test_callback_copying_student_scores_zero(tmp_path):
     log = cb(distiller, 5)
     assert log["delta_e"] == pytest.approx(0.0, abs=1e-6) and log["own_pair_rate"] == 1.0
     assert set(log) == {"delta_e", "delta_e_lo", "delta_e_hi", "e_pair", "e_opt", "e_ind", "resolution",
-                        "own_pair_rate"}
+                        "own_pair_rate", "delta_e_lower", "delta_e_upper", "bracket_low", "bracket_high",
+                        "e_opt_lower", "delta_e_nonfinite"}
+    assert log["delta_e_nonfinite"] == 0.0 and log["delta_e_upper"] == pytest.approx(0.0, abs=1e-6)
     assert G.training  # mode restored
     # From a pair store, with the teacher fingerprint checked
     store = generate_pairs(T, range(64), tmp_path / "pc", sigmas=GRID, batch=64)

@@ -6,6 +6,7 @@ import struct
 import pytest
 import torch
 from _nets import randomise, small_dhariwal, small_song
+from safetensors.torch import save_file
 from torch import nn
 
 from dmdcopy.errors import CheckpointError, ConfigError
@@ -19,9 +20,12 @@ from dmdcopy.io import (
     read_metadata,
     save,
 )
+from dmdcopy.io.safetensors_io import read_safetensors
 from dmdcopy.nets import MLP
+from dmdcopy.pairs import teacher_fingerprint
 from dmdcopy.precond import EDMPrecond, VEPrecond, VPPrecond
 from dmdcopy.students import MultiStepStudent, OneStepStudent
+from dmdcopy.teachers import EmpiricalTeacher, GaussianMixtureTeacher, GaussianTeacher
 
 
 def outputs(D, label_dim, shape=(3, 8, 8)):
@@ -56,6 +60,49 @@ def test_round_trip_rebuilds_identical_denoiser(tmp_path, make, label_dim, shape
     torch.testing.assert_close(
         outputs(loaded, label_dim, shape), outputs(net, label_dim, shape), rtol=0, atol=0
     )
+
+
+def _exact_teachers():
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    return [
+        GaussianTeacher(torch.randn(6, generator=g), A @ A.T, sample_shape=(2, 3), sigma_max=40.0),
+        GaussianMixtureTeacher(torch.randn(3, 2, generator=g), torch.rand(3, 2, generator=g) + 0.1,
+                               torch.tensor([1.0, 2.0, 3.0]), conditional=True),
+        EmpiricalTeacher(torch.randn(12, 2, 3, generator=g), chunk_size=5, compute_dtype=torch.float32,
+                         labels=torch.arange(12) % 4),
+        EmpiricalTeacher(torch.randn(7, 4, generator=g, dtype=torch.float64)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_exact_teachers_round_trip_bit_for_bit(tmp_path, index):
+    teacher = _exact_teachers()[index]
+    path = tmp_path / "teacher.safetensors"
+    save(teacher, path)
+    loaded = load(path)
+    assert type(loaded) is type(teacher) and repr(loaded) == repr(teacher)
+    assert teacher_fingerprint(loaded) == teacher_fingerprint(teacher)  # a pair store made before reuses
+    x = torch.randn(5, *teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.01, 0.3, 1.0, 5.0, 40.0])
+    labels = torch.eye(teacher.label_dim)[torch.arange(5) % teacher.label_dim] if teacher.label_dim else None
+    assert torch.equal(loaded(x, sigma, labels), teacher(x, sigma, labels))
+    # into= a module of the same kind: a different data set is refused, the same one accepted
+    load(path, into=_exact_teachers()[index])
+    if isinstance(teacher, EmpiricalTeacher):
+        other = EmpiricalTeacher(teacher.data.reshape(-1, *teacher.sample_shape) + 1, labels=teacher.labels)
+        with pytest.raises(CheckpointError, match=r"constructor tensors .* differ"):
+            load(path, into=other)
+
+
+def test_exact_teacher_file_does_not_rebuild_without_its_tensors(tmp_path):
+    teacher = _exact_teachers()[3]
+    save(teacher, tmp_path / "t.safetensors")
+    state, meta = read_safetensors(tmp_path / "t.safetensors")
+    del state["dmdcopy.init/data"]
+    save_file(state, str(tmp_path / "u.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"lacks 'dmdcopy\.init/data'"):
+        load(tmp_path / "u.safetensors")
 
 
 def test_round_trip_students(tmp_path):

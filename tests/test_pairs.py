@@ -164,6 +164,59 @@ def test_conditional_labels(tmp_path):
         generate_pairs(M, range(9), tmp_path / "bad", sigmas=GRID, class_labels=given[:4])
 
 
+def test_store_serves_a_subset_of_its_seeds(tmp_path):
+    D = CountingDenoiser(_teacher())
+    reference = generate_pairs(D, range(20), tmp_path / "s", sigmas=GRID, batch=5, shard_size=5).load()[1]
+    per_sample = D.rows // 20
+    D.rows = 0
+    subset = [17, 3, 4, 12]  # any order, shards 0, 2 and 3
+    store = generate_pairs(D, subset, tmp_path / "s", sigmas=GRID, batch=5, shard_size=5)
+    assert D.rows == 0 and len(store) == 20  # nothing recomputed; the store is the whole store
+    assert torch.equal(store.load(subset)[1], reference[subset])
+    # a missing shard that holds requested seeds is completed, the others are left alone
+    store.shard_path(3).unlink()
+    store.shard_path(1).unlink()
+    done = []
+    generate_pairs(D, subset, tmp_path / "s", sigmas=GRID, batch=5, shard_size=5,
+                   progress=lambda d, t: done.append((d, t)))
+    assert store.missing_shards() == [1] and done[-1] == (15, 15)
+    assert D.rows == 5 * per_sample  # shard 3 only
+    assert torch.equal(store.load(subset)[1], reference[subset])
+    # seeds outside the store, or other settings, still fail with the settings diff
+    with pytest.raises(ConfigError, match=r"other settings.*seeds"):
+        generate_pairs(D, [3, 20], tmp_path / "s", sigmas=GRID, batch=5, shard_size=5)
+    with pytest.raises(ConfigError, match=r"other settings.*solver"):
+        generate_pairs(D, subset, tmp_path / "s", sigmas=GRID, shard_size=5, solver=euler)
+
+
+def test_subset_with_given_class_labels(tmp_path):
+    M = GaussianMixtureTeacher(torch.randn(3, 2, generator=torch.Generator().manual_seed(0)),
+                               torch.full((3,), 0.2), conditional=True)
+    drawn = generate_pairs(M, range(9), tmp_path / "drawn", sigmas=GRID, shard_size=4)
+    labels = drawn.load()[2]
+    sub = [8, 1, 5]
+    # labels given for a subset of a labels_for_seeds store: equal to the stored ones, served
+    store = generate_pairs(M, sub, tmp_path / "drawn", sigmas=GRID, shard_size=4, class_labels=labels[sub])
+    assert torch.equal(store.load(sub)[2], labels[sub])
+    wrong = labels[sub].clone()
+    wrong[1] = (wrong[1] + 1) % 3
+    with pytest.raises(ConfigError, match="differ from the stored labels for 1 of the 3"):
+        generate_pairs(M, sub, tmp_path / "drawn", sigmas=GRID, shard_size=4, class_labels=wrong)
+    # a store made with given labels serves subsets with the same labels
+    given = torch.tensor([2, 2, 1, 0, 0, 1, 2, 0, 1])
+    generate_pairs(M, range(9), tmp_path / "given", sigmas=GRID, shard_size=4, class_labels=given)
+    store = generate_pairs(M, sub, tmp_path / "given", sigmas=GRID, shard_size=4, class_labels=given[sub])
+    assert torch.equal(store.load(sub)[2], given[sub])
+    with pytest.raises(ConfigError, match="differ from the stored labels"):
+        generate_pairs(M, sub, tmp_path / "given", sigmas=GRID, shard_size=4,
+                       class_labels=(given[sub] + 1) % 3)
+    with pytest.raises(ConfigError, match=r"other settings.*labels"):  # drawn labels were not what it holds
+        generate_pairs(M, sub, tmp_path / "given", sigmas=GRID, shard_size=4)
+    store.shard_path(2).unlink()  # its labels exist nowhere else: cannot be completed from a subset
+    with pytest.raises(ConfigError, match="shard 2 holding requested seeds is missing"):
+        generate_pairs(M, sub, tmp_path / "given", sigmas=GRID, shard_size=4, class_labels=given[sub])
+
+
 def test_input_errors(tmp_path):
     with pytest.raises(ConfigError, match="distinct"):
         generate_pairs(_teacher(), [1, 1], tmp_path, sigmas=GRID)

@@ -2,7 +2,8 @@
 
 The file has top-level keys ``out_dir`` and ``device`` and four tables (unknown keys are errors)::
 
-    out_dir = "runs/gmm2d"     # log.jsonl and checkpoints go here
+    out_dir = "runs/gmm2d"     # log.jsonl, checkpoints, student.safetensors and (for an exact
+                               # teacher) teacher.safetensors go here, for `dmdcopy delta-e`
     device = "auto"            # "auto": cuda:LOCAL_RANK when CUDA is there, else cpu
 
     [teacher]                  # kind = "gmm": exact Gaussian-mixture teacher, no training needed
@@ -43,7 +44,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_run", "load_toml", "register", "run"]
+__all__ = ["build_run", "export_students", "export_teacher", "load_toml", "register", "run"]
 
 _TOP = {"out_dir", "device", "teacher", "student", "fake_score", "distill", "pairs"}
 _TEACHER = {"gmm": {"kind", "means", "stds", "weights", "conditional", "real_samples", "sigma_max"},
@@ -260,8 +261,8 @@ def run(args: argparse.Namespace) -> int:
     from dmdcopy.distill import Distiller, init_from_env
 
     info = init_from_env()
-    parts = build_run(load_toml(args.config), device=args.device,
-                      progress=False if args.no_progress else None)
+    spec = load_toml(args.config)
+    parts = build_run(spec, device=args.device, progress=False if args.no_progress else None)
     out_dir = Path(parts.pop("out_dir"))
     device = parts.pop("device")
     teacher, student, config = parts.pop("teacher"), parts.pop("student"), parts.pop("config")
@@ -269,9 +270,25 @@ def run(args: argparse.Namespace) -> int:
     distiller.train(resume="latest" if args.resume else None)
     if info.is_main:
         written = export_students(distiller, out_dir)
+        # an exact teacher exists only in the config: write it where `dmdcopy delta-e` can read it
+        teacher_file = (Path(spec["teacher"]["path"]) if spec["teacher"].get("kind") == "checkpoint"
+                        else export_teacher(teacher, out_dir))
         print(f"dmdcopy distill: {distiller.step} steps done; checkpoints and log.jsonl in {out_dir}; "
               f"students for `dmdcopy delta-e`: {', '.join(p.name for p in written)}")
+        if written:
+            print(f"measure: dmdcopy delta-e --teacher {teacher_file} --student {written[0]}")
     return 0
+
+
+def export_teacher(teacher, out_dir: Path) -> Path:
+    """Write the run's teacher (e.g. the exact Gaussian mixture of a ``kind = "gmm"`` config) to
+    ``out_dir / "teacher.safetensors"``; :func:`dmdcopy.io.load` rebuilds it bit for bit."""
+    from dmdcopy.io import save
+
+    path = out_dir / "teacher.safetensors"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save(teacher, path, metadata={"dmdcopy.distill.role": "teacher"})
+    return path
 
 
 def export_students(distiller, out_dir: Path) -> list[Path]:

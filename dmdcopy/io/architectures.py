@@ -10,7 +10,14 @@ constructor takes::
 ``_ARCHITECTURES`` below is the one place where such a class name maps to a dmdcopy class (an
 edge mapping of fixed names, not an open registry). A module whose class is not in it (a user's
 own network) is recorded as ``{"class": None, "python_class": "pkg.mod.Name"}``: its weights are
-saved, and loading them needs ``load(path, into=module)``.
+saved, and loading them needs ``load(path, into=module)`` (or, from the command line, the same
+``--arch module:builder``; nothing is ever imported from a name read out of a file).
+
+The exact teachers of :mod:`dmdcopy.teachers` are rebuilt too. The Gaussian and mixture teachers
+keep their parameters in their state dicts (built from placeholders of the recorded size, then
+filled, so the loaded teacher is bit-identical to the saved one). :class:`EmpiricalTeacher` keeps
+its data out of its state dict; its constructor tensors (``data``, ``labels``) are saved beside
+the state dict under the key prefix :data:`INIT_PREFIX` and named in the spec's ``"tensors"``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,18 @@ from torch import nn
 
 from dmdcopy.errors import CheckpointError, ConfigError
 
-__all__ = ["build_module", "decode_kwargs", "edm_imagenet64_adm", "encode_kwargs", "module_spec"]
+__all__ = [
+    "INIT_PREFIX",
+    "build_module",
+    "decode_kwargs",
+    "edm_imagenet64_adm",
+    "encode_kwargs",
+    "init_tensors",
+    "module_spec",
+]
+
+# Key prefix of constructor tensors (not in the state dict) in a saved file, e.g. "dmdcopy.init/data".
+INIT_PREFIX = "dmdcopy.init/"
 
 
 def _precond_kwargs(module: nn.Module) -> dict[str, Any]:
@@ -59,12 +77,64 @@ def _multi_step_kwargs(module: nn.Module) -> dict[str, Any]:
     return {"sigmas": list(module.sigmas)}
 
 
+def _teacher_range(module: nn.Module) -> dict[str, Any]:
+    return {"sample_shape": list(module.sample_shape), "sigma_min": module.sigma_min,
+            "sigma_max": module.sigma_max}
+
+
+def _gaussian_kwargs(module: nn.Module) -> dict[str, Any]:
+    # mean, eigvals, eigvecs are buffers in the state dict
+    return {"dim": int(module.mean.shape[0]), **_teacher_range(module)}
+
+
+def _build_gaussian(cls: type, *, dim: int, sample_shape: list[int], **kwargs: Any) -> nn.Module:
+    """A placeholder of the recorded size; its buffers are then filled from the state dict."""
+    if math.prod(sample_shape) != dim:
+        raise ConfigError(f"sample_shape {sample_shape} does not have dim = {dim} elements")
+    # Built at d = 1, then resized: the constructor's eigendecomposition is O(d^3) (a minute at 3072).
+    module = cls(torch.zeros(1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64), **kwargs)
+    module.sample_shape = tuple(sample_shape)
+    module.mean = torch.zeros(dim, dtype=torch.float64)
+    module.eigvals = torch.zeros(dim, dtype=torch.float64)
+    module.eigvecs = torch.zeros(dim, dim, dtype=torch.float64)
+    return module
+
+
+def _mixture_kwargs(module: nn.Module) -> dict[str, Any]:
+    # means, stds, weights are buffers in the state dict
+    K, d = module.means.shape
+    return {"num_components": int(K), "dim": int(d), "conditional": module.conditional,
+            **_teacher_range(module)}
+
+
+def _build_mixture(cls: type, *, num_components: int, dim: int, **kwargs: Any) -> nn.Module:
+    shape = (num_components, dim)
+    return cls(torch.zeros(shape, dtype=torch.float64), torch.ones(shape, dtype=torch.float64), **kwargs)
+
+
+def _empirical_kwargs(module: nn.Module) -> dict[str, Any]:
+    kwargs = {"chunk_size": module.chunk_size, "compute_dtype": module.compute_dtype,
+              "sigma_min": module.sigma_min, "sigma_max": module.sigma_max}
+    if module.labels is not None:
+        kwargs["label_dim"] = module.label_dim
+    return kwargs
+
+
+def _empirical_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    data = module.data.reshape(module.data.shape[0], *module.sample_shape)  # (N, *sample_shape)
+    return {"data": data} if module.labels is None else {"data": data, "labels": module.labels}
+
+
 @dataclass(frozen=True)
 class _Entry:
     module: str  # dmdcopy module that defines the class
     name: str  # class name, also the spec's "class"
     kwargs: Callable[[nn.Module], dict[str, Any]]  # constructor options of an instance
     children: tuple[str, ...] = ()  # submodules passed to the constructor, by attribute name
+    # build(cls, *children, **kwargs, **tensors) when the constructor is not called directly
+    build: Callable[..., nn.Module] | None = None
+    # constructor tensors an instance keeps outside its state dict (saved under INIT_PREFIX)
+    tensors: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
 
 
 # The one table from spec class names to dmdcopy classes.
@@ -77,6 +147,9 @@ _ARCHITECTURES: tuple[_Entry, ...] = (
     _Entry("dmdcopy.nets.unet", "DhariwalUNet", _init_kwargs),
     _Entry("dmdcopy.students", "OneStepStudent", _one_step_kwargs, ("denoiser",)),
     _Entry("dmdcopy.students", "MultiStepStudent", _multi_step_kwargs, ("denoiser",)),
+    _Entry("dmdcopy.teachers", "GaussianTeacher", _gaussian_kwargs, build=_build_gaussian),
+    _Entry("dmdcopy.teachers", "GaussianMixtureTeacher", _mixture_kwargs, build=_build_mixture),
+    _Entry("dmdcopy.teachers", "EmpiricalTeacher", _empirical_kwargs, tensors=_empirical_tensors),
 )
 
 
@@ -153,9 +226,26 @@ def module_spec(module: nn.Module) -> dict[str, Any]:
         return {"class": None, "python_class": f"{cls.__module__}.{cls.__qualname__}"}
     kwargs = encode_kwargs(entry.kwargs(module), f"{entry.name} kwargs")
     spec: dict[str, Any] = {"class": entry.name, "kwargs": kwargs}
+    if entry.tensors is not None:
+        spec["tensors"] = sorted(entry.tensors(module))
     if entry.children:
         spec["children"] = {name: module_spec(getattr(module, name)) for name in entry.children}
     return spec
+
+
+def init_tensors(module: nn.Module, *, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The constructor tensors ``module`` (and its recorded submodules) keep outside their state
+    dicts, keyed ``INIT_PREFIX + path + name`` (e.g. ``"dmdcopy.init/data"``); ``{}`` for most
+    modules. :func:`dmdcopy.io.save` stores them beside the state dict."""
+    entry = _entry_for_module(module)
+    if entry is None:
+        return {}
+    out = {}
+    if entry.tensors is not None:
+        out = {f"{INIT_PREFIX}{prefix}{k}": v for k, v in entry.tensors(module).items()}
+    for name in entry.children:
+        out.update(init_tensors(getattr(module, name), prefix=f"{prefix}{name}."))
+    return out
 
 
 def _check_spec(spec: Any) -> None:
@@ -166,6 +256,7 @@ def _check_spec(spec: Any) -> None:
         and isinstance(spec["class"], (str, type(None)))
         and isinstance(spec.get("kwargs", {}), dict)
         and isinstance(spec.get("children", {}), dict)
+        and isinstance(spec.get("tensors", []), list)
     )
     if not well_formed:
         raise CheckpointError(
@@ -182,26 +273,43 @@ def _custom_classes(spec: dict[str, Any]) -> list[str]:
     return [c for child in spec.get("children", {}).values() for c in _custom_classes(child)]
 
 
-def build_module(spec: dict[str, Any]) -> nn.Module:
-    """A freshly initialised module from a spec made by :func:`module_spec`."""
+def build_module(spec: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A freshly initialised module from a spec made by :func:`module_spec`.
+
+    ``tensors``: the constructor tensors the spec names (keys as :func:`init_tensors` writes them).
+    """
     _check_spec(spec)
     custom = _custom_classes(spec)
     if custom:
         raise CheckpointError(
             f"the checkpoint holds user-defined classes {custom} that dmdcopy cannot rebuild; "
-            "build the module yourself and pass it as load(path, into=module)"
+            "build the module yourself and pass it as load(path, into=module) (from the command "
+            "line: --arch / --teacher-arch / --student-arch module:builder)"
         )
+    return _build(spec, tensors or {}, "")
+
+
+def _build(spec: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str) -> nn.Module:
     entry, cls = _entry_for_name(spec["class"])
     kwargs = decode_kwargs(spec.get("kwargs", {}))
-    children = {name: build_module(child) for name, child in spec.get("children", {}).items()}
+    children = {name: _build(child, tensors, f"{prefix}{name}.")
+                for name, child in spec.get("children", {}).items()}
     if set(children) != set(entry.children):
         raise CheckpointError(
             f"architecture of {entry.name} names submodules {sorted(children)}, "
             f"expected {list(entry.children)}"
         )
     args = [children[name] for name in entry.children]
+    init = {}
+    for name in spec.get("tensors", []):
+        key = f"{INIT_PREFIX}{prefix}{name}"
+        if key not in tensors:
+            raise CheckpointError(f"the file lacks {key!r}, a constructor tensor of {entry.name}")
+        init[str(name)] = tensors[key]
     try:
-        return cls(*args, **kwargs)
+        if entry.build is not None:
+            return entry.build(cls, *args, **kwargs, **init)
+        return cls(*args, **kwargs, **init)
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # ConfigError is a ValueError too
         raise CheckpointError(f"cannot build {entry.name} from the recorded options {kwargs}: {e}") from e
 

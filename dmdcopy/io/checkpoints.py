@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dmdcopy.errors import CheckpointError
-from dmdcopy.io.architectures import build_module
+from dmdcopy.io.architectures import INIT_PREFIX, build_module, init_tensors
 from dmdcopy.io.formats import EDM_PICKLE, SAFETENSORS, detect_format
 from dmdcopy.io.safetensors_io import read_safetensors, save
 from dmdcopy.io.state import load_state_checked
@@ -23,8 +23,32 @@ def _uniform_float_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def _rebuild(spec: dict[str, Any], state: dict[str, torch.Tensor], source: str, strict: bool) -> nn.Module:
-    module = build_module(spec)
+def split_init_tensors(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(state dict, constructor tensors)`` of a file's tensors (see :func:`init_tensors`)."""
+    init = {k: v for k, v in state.items() if k.startswith(INIT_PREFIX)}
+    return {k: v for k, v in state.items() if not k.startswith(INIT_PREFIX)}, init
+
+
+def _check_init_tensors(into: nn.Module, init: dict[str, torch.Tensor], source: str) -> None:
+    """``into`` must hold the constructor tensors the file holds (e.g. an EmpiricalTeacher's data):
+    they are not loaded into it, so a different data set would go unnoticed."""
+    own = init_tensors(into)
+    same = set(own) == set(init) and all(
+        own[k].shape == init[k].shape and torch.equal(own[k].detach().cpu().to(init[k].dtype), init[k])
+        for k in init)
+    if not same:
+        raise CheckpointError(f"{source} holds {type(into).__name__} constructor tensors "
+                              f"{sorted(k[len(INIT_PREFIX):] for k in init)} that differ from those of the "
+                              "module passed as into=; load it without into= to rebuild it from the file")
+
+
+def _rebuild(
+    spec: dict[str, Any], state: dict[str, torch.Tensor], init: dict[str, torch.Tensor], source: str,
+    strict: bool,
+) -> nn.Module:
+    module = build_module(spec, init)
     dtype = _uniform_float_dtype(state)
     if dtype is not None:
         module.to(dtype)  # keep the stored precision (e.g. a float16 export)
@@ -69,7 +93,10 @@ def load(
         state, meta = read_safetensors(path)  # CPU; the module is moved once it is filled
         if meta.get("format") == DISTILL_CHECKPOINT_FORMAT:
             state = _distill_entry(path, state, key, into)
+        state, init = split_init_tensors(state)
         if into is not None:
+            if init:
+                _check_init_tensors(into, init, source)
             load_state_checked(into, state, strict=strict, source=source)
             return into
         if "dmdcopy.architecture" not in meta:
@@ -81,7 +108,7 @@ def load(
             spec = json.loads(meta["dmdcopy.architecture"])
         except ValueError as e:
             raise CheckpointError(f"{path}: corrupt dmdcopy.architecture metadata: {e}") from e
-        return _rebuild(spec, state, source, strict).to(map_location).eval()
+        return _rebuild(spec, state, init, source, strict).to(map_location).eval()
     if fmt == EDM_PICKLE:
         from dmdcopy.io.edm_pickle import load_edm_pickle, read_edm_pickle
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from dmdcopy._atomic import write_atomic
 from dmdcopy.errors import CheckpointError, ConfigError
-from dmdcopy.io.architectures import module_spec
+from dmdcopy.io.architectures import init_tensors, module_spec
 
 __all__ = ["read_metadata", "read_safetensors", "save", "save_state"]
 
@@ -69,8 +69,9 @@ def save(module: nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, A
 
     Args:
         module: any ``nn.Module``. dmdcopy's classes (preconditioning wrappers, MLP, UNets,
-            students) are recorded so that :func:`dmdcopy.io.load` rebuilds them; a user-defined
-            network is saved too, and loads with ``load(path, into=...)``.
+            students, the exact teachers of :mod:`dmdcopy.teachers`) are recorded so that
+            :func:`dmdcopy.io.load` rebuilds them; a user-defined network is saved too, and loads
+            with ``load(path, into=...)``.
         path: destination, written atomically (a crash never leaves a half-written file there).
         metadata: JSON-serialisable facts to keep with the weights (training step, data set, ...),
             read back by :func:`read_metadata`.
@@ -95,7 +96,8 @@ def save(module: nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, A
         "dmdcopy.architecture": json.dumps(module_spec(module)),
         "dmdcopy.metadata": user,
     }
-    save_state(module.state_dict(), path, metadata=meta)
+    # an exact teacher's constructor tensors (EmpiricalTeacher's data) travel beside its state dict
+    save_state({**module.state_dict(), **init_tensors(module)}, path, metadata=meta)
 
 
 def read_safetensors(

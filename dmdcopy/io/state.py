@@ -33,6 +33,22 @@ class LoadReport:
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
+    def summary(self, limit: int = 3) -> str:
+        """The same on one line, naming at most ``limit`` keys of each kind."""
+
+        def some(items: tuple[str, ...]) -> str:
+            return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing key(s) ({some(self.missing)})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected key(s) ({some(self.unexpected)})")
+        if self.mismatched:
+            shapes = tuple(f"{k}: {list(a)} in the file vs {list(b)}" for k, a, b in self.mismatched)
+            parts.append(f"{len(self.mismatched)} key(s) with mismatched shapes ({some(shapes)})")
+        return "; ".join(parts) if parts else "all keys match"
+
     def describe(self) -> str:
         """Every offending key, one per line."""
         lines = []
