@@ -2,16 +2,24 @@
 
 import importlib.util
 import json
+import math
 import random
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from dmdcopy import delta_e
 from dmdcopy.distill import DistillConfig, Distiller, latest_checkpoint, list_checkpoints
+from dmdcopy.distill.callbacks import DELTA_E_LOG_KEYS, DeltaECallback
 from dmdcopy.errors import CheckpointError, ConfigError, NonFiniteError, ShapeError
 from dmdcopy.nets import MLP
+from dmdcopy.pairs import generate_pairs
 from dmdcopy.precond import EDMPrecond
+from dmdcopy.samplers import teacher_ode
+from dmdcopy.schedules import karras_sigmas
 from dmdcopy.students import MultiStepStudent, OneStepStudent
 from dmdcopy.teachers import GaussianMixtureTeacher
 
@@ -418,3 +426,153 @@ def test_gan_head_on_a_unet_fake_score():
     assert d.discriminator.feature_shape[1:] == (4, 4)
     d.train()
     assert (d.generator_updates, d.fake_score_updates) == (1, 1)
+
+
+# --- Delta E callback ---------------------------------------------------------------------------
+
+GRID = karras_sigmas(8)
+
+
+class TeacherMap(nn.Module):
+    """The teacher's own ODE map as a generator: a student that copies its teacher exactly."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, z, class_labels=None):
+        return self.scale * teacher_ode(self.teacher, z, GRID, class_labels=class_labels)
+
+
+def _fake_distiller(student, teacher, **changes):
+    """What a callback reads of a Distiller, without training."""
+    base = dict(student=student, ema_student=None, teacher=teacher, device=torch.device("cpu"), step=0,
+                is_main=True, sample_shape=(2,), label_dim=0)
+    return SimpleNamespace(**{**base, **changes})
+
+
+def test_delta_e_callback_logs_every_figure_of_a_copying_student(tmp_path):
+    T = gmm()
+    G = TeacherMap(T)
+    distiller = _fake_distiller(G, T)
+    cb = DeltaECallback(5, range(64), sigmas=GRID, batch=16, n_boot=20)
+    assert cb(distiller, 3) is None
+    log = cb(distiller, 5)
+    assert set(log) == set(DELTA_E_LOG_KEYS) == {
+        "delta_e", "delta_e_lo", "delta_e_hi", "e_pair", "e_opt", "e_ind", "resolution", "own_pair_rate",
+        "delta_e_lower", "delta_e_upper", "bracket_low", "bracket_high", "e_opt_lower", "delta_e_nonfinite"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in log.values())
+    # an exact copy: E_pair = 0, so the finite-N figure is 0 and the population value (0) is bracketed
+    assert log["e_pair"] == pytest.approx(0.0, abs=1e-10) and log["delta_e"] == pytest.approx(0.0, abs=1e-6)
+    assert log["own_pair_rate"] == 1.0 and log["delta_e_nonfinite"] == 0.0
+    assert log["bracket_low"] <= 1e-6 and log["bracket_high"] >= -1e-6
+    assert log["delta_e_lower"] <= log["delta_e_upper"] + 1e-9
+    assert G.training  # mode restored
+    # the same figures as the one path, dmdcopy.delta_e
+    report = delta_e(T, G, range(64), sigmas=GRID, n_boot=20)
+    assert log["delta_e_upper"] == report.result.delta_e_upper and log["e_ind"] == report.result.e_ind
+
+    # from a pair store (a subset of its seeds), its teacher fingerprint checked
+    store = generate_pairs(T, range(64), tmp_path / "pc", sigmas=GRID, batch=64)
+    cb2 = DeltaECallback(1, range(10, 50), pairs=store, batch=64, n_boot=0, prefix="copy/")
+    log2 = cb2(distiller, 1)
+    assert log2["copy/delta_e"] == pytest.approx(0.0, abs=1e-6)
+    assert math.isnan(log2["copy/delta_e_lo"])  # no bootstrap, no interval
+    other = _fake_distiller(G, GaussianMixtureTeacher(torch.zeros(1, 2), torch.ones(1)))
+    with pytest.raises(ConfigError, match="another teacher"):
+        DeltaECallback(1, range(10), pairs=store)(other, 1)
+    # a non-main process without a process group has nothing to measure
+    assert cb(_fake_distiller(G, T, is_main=False), 5) is None
+    with pytest.raises(ConfigError, match="every"):
+        DeltaECallback(0, range(10))
+
+
+def test_delta_e_callback_uses_the_ema_student():
+    T = gmm()
+    copy_, far = TeacherMap(T), ScratchStudent()
+    cb = DeltaECallback(1, range(48), sigmas=GRID, batch=48, n_boot=0)
+    assert cb(_fake_distiller(far, T, ema_student=copy_), 1)["delta_e"] == pytest.approx(0.0, abs=1e-6)
+    no_ema = DeltaECallback(1, range(48), sigmas=GRID, batch=48, n_boot=0, use_ema=False)
+    assert no_ema(_fake_distiller(far, T, ema_student=copy_), 1)["e_pair"] > 0.01
+
+
+class NaNAtFirstMeasurement(ScratchStudent):
+    """Finite while training; in eval mode (a measurement) its first call emits NaN for two samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.eval_calls = 0
+
+    def forward(self, z, class_labels=None):
+        x = super().forward(z)
+        if not self.training:
+            self.eval_calls += 1
+            if self.eval_calls == 1:
+                x = x.clone()
+                x[:2] = float("nan")
+        return x
+
+
+def test_delta_e_callback_records_a_non_finite_student_and_training_goes_on(tmp_path):
+    torch.manual_seed(0)
+    G = NaNAtFirstMeasurement()
+    cb = DeltaECallback(2, range(48), sigmas=GRID, batch=48, n_boot=10)
+    d = Distiller(gmm(), G, fake_score=net(), config=small_config(num_steps=4, fake_score_steps=1),
+                  callbacks=[cb], out_dir=tmp_path)
+    d.train()
+    assert d.step == 4 and d.generator_updates == 4 and d.nonfinite_total == 0
+    strict = dict(parse_constant=lambda name: pytest.fail(f"log.jsonl holds {name}: not strict JSON"))
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    records = {r["step"]: r for r in (json.loads(line, **strict) for line in lines)}
+    assert sorted(records) == [2, 4]
+    nan_step, later = records[2], records[4]
+    assert nan_step["delta_e_nonfinite"] == 2
+    for key in set(DELTA_E_LOG_KEYS) - {"delta_e_nonfinite"}:
+        assert nan_step[key] is None, key  # a NaN figure is JSON null in the log
+    assert later["delta_e_nonfinite"] == 0 and math.isfinite(later["delta_e"])
+
+
+def _ddp_callback_worker(rank, world_size, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        G = ScratchStudent()
+        cb = DeltaECallback(2, range(40), sigmas=GRID, batch=7, n_boot=20)
+        d = Distiller(gmm(), G, fake_score=net(), callbacks=[cb], out_dir=out_dir if rank == 0 else None,
+                      config=small_config(num_steps=2, batch_size=8, fake_score_steps=1))
+        d.train()
+        report = cb.measure(d)  # every rank measures together and gets the same report
+        torch.save(dict(delta_e=report.result.delta_e, bracket_high=report.result.bracket_high,
+                        student={k: v.clone() for k, v in G.state_dict().items()}),
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_delta_e_callback_under_ddp_measures_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "ddp"
+    out.mkdir()
+    ctx = mp.spawn(_ddp_callback_worker, args=(2, str(tmp_path / "rendezvous"), str(out)), nprocs=2,
+                   join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:  # a rank left out of a collective waits forever
+            for p in ctx.processes:
+                p.terminate()
+            pytest.fail("DeltaECallback hung under torch.distributed")
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["delta_e"] == ranks[1]["delta_e"] and ranks[0]["bracket_high"] == ranks[1]["bracket_high"]
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "delta_e" in r] == [2]
+    assert logged[-1]["delta_e"] == ranks[0]["delta_e"]  # logged once, by rank 0
+    # one process measuring the same student gets the same figure
+    G = ScratchStudent()
+    G.load_state_dict(ranks[0]["student"])
+    single = DeltaECallback(1, range(40), sigmas=GRID, n_boot=20).measure(_fake_distiller(G, gmm()))
+    assert single.result.delta_e == pytest.approx(ranks[0]["delta_e"], rel=1e-6, abs=1e-9)

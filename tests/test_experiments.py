@@ -48,8 +48,11 @@ from dmdcopy.experiments import (
     train_teacher,
     write_json,
 )
+from dmdcopy.experiments.common import DELTA_E_FIELDS, teacher_set
+from dmdcopy.experiments.pipeline import evaluate_student
 from dmdcopy.experiments.report import require_matplotlib, to_jsonable
 from dmdcopy.nets import MLP
+from dmdcopy.noise import noise_for_seeds
 from dmdcopy.teachers import GaussianTeacher
 
 TINY_DISTILL = DistillConfig(
@@ -189,9 +192,58 @@ def test_teacher_config_rejects_bad_fields(field, value):
 
 
 def _check_delta_e(de: dict) -> None:
+    assert set(de) == set(DELTA_E_FIELDS)
     assert math.isfinite(de["delta_e"])
     assert de["ci_low"] <= de["ci_high"]
     assert 0 <= de["resolution"] <= 1
+    assert math.isfinite(de["delta_e_lower"]) and math.isfinite(de["delta_e_upper"])
+    assert de["bracket_low"] <= de["bracket_high"]
+    assert isinstance(de["warnings"], list)
+    assert de["warning"] == ("; ".join(de["warnings"]) or None)
+
+
+def _exact_gaussian(dim=3, n=40):
+    """An exact Gaussian teacher's closed-form map of ``n`` seeded noises, as TeacherSamples."""
+    T = GaussianTeacher(torch.zeros(dim), torch.diag(torch.linspace(0.1, 0.5, dim)))
+    seeds = range(100, 100 + n)
+    z = noise_for_seeds(seeds, (dim,))
+    x = T.ode_map(z.double(), 80.0).float()
+    return T, teacher_set(seeds, z, x, sigmas=torch.tensor([80.0, 0.0]), solver="closed_form")
+
+
+def test_evaluate_student_pairs_each_noise_with_its_teacher_sample():
+    T, ts = _exact_gaussian()
+
+    def copy(z, class_labels=None):  # sends every noise where the teacher does
+        return T.ode_map(z.double(), 80.0).float()
+
+    rec, samples = evaluate_student(copy, ts, exact=ts, n_boot=10)
+    assert rec["finite"] and rec["n"] == 40 and rec["n_nonfinite"] == 0
+    for de in (rec["delta_e"], rec["delta_e_vs_exact"]):
+        _check_delta_e(de)
+        assert de["e_pair"] == pytest.approx(0.0, abs=1e-10) and de["delta_e"] == pytest.approx(0.0, abs=1e-9)
+        assert de["own_pair_rate"] == 1.0
+    assert torch.equal(samples, ts.x)
+    # the same student on shuffled noise rows no longer matches its teacher sample
+    perm = torch.roll(torch.arange(40), 1)
+    shuffled = teacher_set(list(ts.seeds), ts.z[perm], ts.x, sigmas=ts.sigmas)
+    assert evaluate_student(copy, shuffled, n_boot=0)[0]["delta_e"]["e_pair"] > 0.01
+
+
+def test_evaluate_student_records_non_finite_samples_and_tables_say_so():
+    _, ts = _exact_gaussian(n=24)
+
+    def diverged(z, class_labels=None):
+        x = z.clone()
+        x[:3] = float("nan")
+        return x
+
+    rec, samples = evaluate_student(diverged, ts, exact=ts, quality=lambda s: {"never": 1.0})
+    assert rec == dict(finite=False, n=24, n_nonfinite=3, delta_e=None, delta_e_vs_exact=None,
+                       transport=None, quality=None)
+    assert samples.shape == (24, 3) and torch.isnan(samples[:3]).all()
+    table = format_ablation_table({"variants": {"diverged": rec}})
+    assert "diverged               non-finite samples (3 of 24)" in table
 
 
 def _tiny_sweep(**changes) -> SweepConfig:
@@ -220,7 +272,25 @@ def test_dimension_sweep_smoke(tmp_path):
     parsed = json.loads(path.read_text())
     assert parsed["points"][0]["students"]["teacher_init"]["delta_e"]["n"] == 24
     assert parsed["eval_seeds"] == [1_000_000, 1_000_023]  # the 24 noises every figure is measured on
-    assert "Delta E" in format_sweep_table(parsed)
+    table = format_sweep_table(parsed)
+    assert "Delta E" in table and "bracket 95%" in table
+    de0 = parsed["points"][0]["students"]["teacher_init"]["delta_e"]
+    for lo, hi in (("ci_low", "ci_high"), ("delta_e_lower", "delta_e_upper"),
+                   ("bracket_low", "bracket_high")):
+        assert f"[{de0[lo]:.3f}, {de0[hi]:.3f}]" in table.splitlines()[2]  # the first row
+    # warnings: each distinct text printed once under the table, rows carry its number
+    for p in parsed["points"]:
+        for st in p["students"].values():
+            st["delta_e"]["warnings"] = []
+    assert format_sweep_table(parsed).endswith("warnings: none")
+    warned = [p["students"]["scratch"]["delta_e"] for p in parsed["points"][:2]]
+    for de in warned:
+        de["warnings"] = ["the bracket is too wide"]
+    warned[1]["warnings"].append("resolution is low")
+    table = format_sweep_table(parsed)
+    assert table.count("the bracket is too wide") == 1 and "  [2] resolution is low" in table
+    rows = [line for line in table.splitlines() if line.startswith(f"{parsed['points'][1]['kind']:<18}")]
+    assert rows[1].endswith("  1") and rows[3].endswith("  1,2")  # scratch rows of the first two points
     png = plot_sweep(parsed, tmp_path / "sweep.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

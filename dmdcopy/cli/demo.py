@@ -1,8 +1,9 @@
 """``dmdcopy demo``: the dimension sweep that shows (or fails to show) copying, on built-in data.
 
 Trains small teachers on power-law Gaussians and Gaussian mixtures in several dimensions,
-distils one-step DMD students (from the teacher and from scratch), prints Delta E per dimension,
-and writes ``results.json`` and ``sweep.png`` to ``--out``. ``--experiment digits`` runs the
+distils one-step DMD students (from the teacher and from scratch), prints Delta E per dimension
+(the finite-N figure with its interval, the bracket for the population Delta E, and the metric's
+warnings), and writes ``results.json`` and ``sweep.png`` to ``--out``. ``--experiment digits`` runs the
 digits study (teacher convergence levels, memorising teacher; ``digits.json``, ``digits.png``),
 ``--experiment ablations`` the ablation switches (``ablations.json``, ``ablations.png``),
 ``--experiment all`` the three.

@@ -6,44 +6,69 @@ dict of floats for the log, or ``None`` when it has nothing to report at that st
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
+from dmdcopy.distill.dist import dist_info
 from dmdcopy.errors import ConfigError
-from dmdcopy.metrics import pairing_inefficiency
-from dmdcopy.noise import labels_for_seeds, noise_for_seeds
-from dmdcopy.pairs import PairStore, default_sigmas
-from dmdcopy.samplers import heun, teacher_ode
+from dmdcopy.measure import DeltaEReport, TeacherSamples, measure_student, teacher_samples
+from dmdcopy.pairs import PairStore
+from dmdcopy.samplers import heun
 
-__all__ = ["DeltaECallback"]
+__all__ = ["DELTA_E_LOG_KEYS", "DeltaECallback"]
+
+# log key -> PairingResult field: the finite-N figure with its bootstrap interval, the energies,
+# the bracket for the population Delta E (point estimates and its bootstrap ends), and the
+# resolution figures. ``delta_e_nonfinite`` (not a PairingResult field) is added beside them.
+_RESULT_FIELDS = {
+    "delta_e": "delta_e", "delta_e_lo": "ci_low", "delta_e_hi": "ci_high",
+    "delta_e_lower": "delta_e_lower", "delta_e_upper": "delta_e_upper",
+    "bracket_low": "bracket_low", "bracket_high": "bracket_high",
+    "e_pair": "e_pair", "e_opt": "e_opt", "e_opt_lower": "e_opt_lower", "e_ind": "e_ind",
+    "resolution": "resolution", "own_pair_rate": "own_pair_rate",
+}
+DELTA_E_LOG_KEYS: tuple[str, ...] = (*_RESULT_FIELDS, "delta_e_nonfinite")
 
 
 class DeltaECallback:
     """Delta E of the student on fixed seeds every ``every`` generator steps: a copying curve.
 
-    The teacher's pairs are computed once (or read from a :class:`~dmdcopy.pairs.PairStore`) and
-    cached; at each measurement the student (its EMA when there is one and ``use_ema``) maps the
-    same noises, under ``torch.no_grad()`` in eval mode (the training mode is restored after), and
-    :func:`dmdcopy.metrics.pairing_inefficiency` compares the two sets. Only the main process
-    measures; other ranks return ``None``.
+    The teacher's samples are made once by :func:`dmdcopy.measure.teacher_samples` (from
+    ``pairs`` when given) and cached; at each measurement the student (its EMA when there is one
+    and ``use_ema``) is measured against them by :func:`dmdcopy.measure.measure_student` (in eval
+    mode without autograd, its mode restored after), the same path as :func:`dmdcopy.delta_e` and
+    ``dmdcopy delta-e``.
+
+    A student that emits non-finite samples at a measurement does not stop training: the step's
+    record has every figure NaN and ``delta_e_nonfinite`` the number of non-finite samples.
+
+    Under ``torch.distributed`` every process takes part in each measurement (each maps its share
+    of the seeds and the metric gathers them, so a measurement made by one rank alone would wait
+    for the others forever); every process gets the same figures, and only the main process
+    returns them, so they are logged once.
 
     Args:
         every: measure when ``step % every == 0``.
         seeds: the fixed seeds (e.g. ``range(1000)``).
         pairs: a pair store holding the seeds; its teacher fingerprint is checked against
-            ``distiller.teacher`` on first use. ``None`` computes the pairs with ``teacher_ode``.
+            ``distiller.teacher``. ``None`` integrates the teacher ODE in memory.
         sigmas, solver: the teacher ODE grid and solver when ``pairs`` is None (default: those of
             :func:`dmdcopy.samplers.teacher_ode`, Heun on Karras-18).
         batch: samples per forward pass.
         use_ema: measure the EMA student when the distiller has one.
-        block_size, n_boot: passed to :func:`~dmdcopy.metrics.pairing_inefficiency` (a few
-            hundred resamples keep a measurement cheap).
+        block_size, n_boot: passed to :func:`~dmdcopy.measure.measure_student` (a few hundred
+            resamples keep a measurement cheap).
         prefix: prefix of the log keys.
 
-    Returns (when measuring): ``{prefix + key: value}`` for ``delta_e``, ``delta_e_lo``,
-    ``delta_e_hi``, ``e_pair``, ``e_opt``, ``e_ind``, ``resolution``, ``own_pair_rate``.
+    Returns (when measuring, on the main process): ``{prefix + key: float}`` for every key of
+    :data:`DELTA_E_LOG_KEYS`: ``delta_e`` (finite-N figure) with its bootstrap interval
+    ``delta_e_lo`` / ``delta_e_hi``; ``delta_e_lower`` / ``delta_e_upper``, the bracket for the
+    population Delta E, and ``bracket_low`` / ``bracket_high``, its bootstrap ends (the interval
+    to report); ``e_pair``, ``e_opt``, ``e_opt_lower``, ``e_ind``, ``resolution``,
+    ``own_pair_rate``; and ``delta_e_nonfinite`` (0 when every sample was finite).
     """
 
     def __init__(
@@ -69,58 +94,49 @@ class DeltaECallback:
             raise ConfigError("DeltaECallback: need at least 2 seeds")
         self.every, self.pairs, self.sigmas, self.solver = every, pairs, sigmas, solver
         self.batch, self.use_ema, self.prefix = batch, use_ema, prefix
-        self.metric_kwargs: dict[str, Any] = dict(block_size=block_size, n_boot=n_boot)
-        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # z, x, labels
+        self.block_size, self.n_boot = block_size, n_boot
+        self._teacher: TeacherSamples | None = None
 
-    def _teacher_pairs(self, distiller, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(z, x, labels)`` on ``device``, computed or loaded once."""
-        teacher = distiller.teacher
-        if self._cache is None:
-            if self.pairs is not None:
-                if isinstance(teacher, torch.nn.Module):
-                    self.pairs.check_teacher(teacher)
-                _, x, labels = self.pairs.load(self.seeds, device=device)
-                z = self.pairs.load_noise(self.seeds, device=device).to(x.dtype)
-            else:
-                shape = getattr(distiller, "sample_shape", None) or getattr(teacher, "sample_shape", None)
-                if shape is None:
-                    raise ConfigError("DeltaECallback: the sample shape is unknown; pass pairs=")
-                label_dim = int(getattr(distiller, "label_dim", getattr(teacher, "label_dim", 0)))
-                grid = default_sigmas(teacher) if self.sigmas is None else self.sigmas
-                z = noise_for_seeds(self.seeds, shape, device=device)
-                labels = labels_for_seeds(self.seeds, label_dim, device=device) if label_dim else None
-                xs = []
-                with torch.no_grad():
-                    for lo in range(0, len(self.seeds), self.batch):
-                        y = labels[lo : lo + self.batch] if labels is not None else None
-                        xs.append(teacher_ode(teacher, z[lo : lo + self.batch], grid, self.solver,
-                                              class_labels=y))
-                x = torch.cat(xs)
-            self._cache = (z, x, labels)
-        return self._cache
+    def teacher_samples(self, distiller: Any) -> TeacherSamples:
+        """The teacher's samples of the callback's seeds, made on first use and cached."""
+        if self._teacher is None:
+            teacher = distiller.teacher
+            shape = getattr(distiller, "sample_shape", None) or getattr(teacher, "sample_shape", None)
+            if shape is None and self.pairs is None:
+                raise ConfigError("DeltaECallback: the sample shape is unknown; pass pairs=")
+            device = torch.device(getattr(distiller, "device", "cpu"))
+            self._teacher = teacher_samples(teacher, self.seeds, pairs=self.pairs, sample_shape=shape,
+                                            sigmas=self.sigmas, solver=self.solver, batch=self.batch,
+                                            device=device)
+        return self._teacher
 
-    def __call__(self, distiller: Any, step: int) -> dict[str, float] | None:
-        if step % self.every != 0 or not getattr(distiller, "is_main", True):
-            return None
-        device = torch.device(getattr(distiller, "device", "cpu"))
-        z, x_teacher, labels = self._teacher_pairs(distiller, device)
+    def measure(self, distiller: Any) -> DeltaEReport:
+        """Measure the student now (every process of a distributed run must call this together)."""
+        ts = self.teacher_samples(distiller)
         ema = getattr(distiller, "ema_student", None)
         G = ema if (self.use_ema and ema is not None) else distiller.student
-        was_training = G.training
-        G.eval()
-        try:
-            with torch.no_grad():
-                xs = []
-                for lo in range(0, len(self.seeds), self.batch):
-                    zb = z[lo : lo + self.batch]
-                    if labels is None:
-                        xs.append(G(zb))
-                    else:
-                        xs.append(G(zb, class_labels=labels[lo : lo + self.batch]))
-                x_student = torch.cat(xs)
-        finally:
-            G.train(was_training)
-        r = pairing_inefficiency(x_student, x_teacher.to(x_student.dtype), **self.metric_kwargs)
-        values = dict(delta_e=r.delta_e, delta_e_lo=r.ci_low, delta_e_hi=r.ci_high, e_pair=r.e_pair,
-                      e_opt=r.e_opt, e_ind=r.e_ind, resolution=r.resolution, own_pair_rate=r.own_pair_rate)
-        return {self.prefix + k: float(v) for k, v in values.items()}
+        # measure_student runs G in eval mode without autograd and restores its mode
+        return measure_student(G, ts, batch=self.batch, block_size=self.block_size, n_boot=self.n_boot)
+
+    def __call__(self, distiller: Any, step: int) -> dict[str, float] | None:
+        if step % self.every != 0:
+            return None
+        is_main = getattr(distiller, "is_main", True)
+        if not is_main and not dist_info().distributed:
+            return None  # a non-main process without a process group: nothing to join
+        report = self.measure(distiller)
+        if not is_main:
+            return None
+        return {self.prefix + k: v for k, v in _log_values(report).items()}
+
+
+def _log_values(report: DeltaEReport) -> dict[str, float]:
+    """The log figures (:data:`DELTA_E_LOG_KEYS`) of a report; NaN where there is none (no result:
+    non-finite student samples; no bootstrap: ``n_boot=0``)."""
+    r = report.result
+    values = {}
+    for key, name in _RESULT_FIELDS.items():
+        v = None if r is None else getattr(r, name)
+        values[key] = math.nan if v is None else float(v)
+    values["delta_e_nonfinite"] = float(report.n_nonfinite)
+    return values

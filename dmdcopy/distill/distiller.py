@@ -628,8 +628,10 @@ class Distiller:
         if not self.is_main or self.out_dir is None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # strict JSON: a NaN or inf figure (e.g. a non-finite Delta E measurement) is written as null
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):

@@ -34,11 +34,13 @@ import torch
 
 from dmdcopy.distill.config import DistillConfig
 from dmdcopy.errors import ConfigError
-from dmdcopy.experiments.common import Timer, batched, pairing_summary, transport_summary
+from dmdcopy.experiments.common import Timer, batched, teacher_set, transport_summary
 from dmdcopy.experiments.pipeline import STUDENT_INITS, distill_student, evaluate_student, make_student
 from dmdcopy.experiments.report import machine_info
 from dmdcopy.experiments.sweep import DATA_KINDS, _default_distill, _quality_fn
 from dmdcopy.experiments.teacher_training import TeacherConfig, train_teacher
+from dmdcopy.measure import measure_student
+from dmdcopy.metrics import pairing_inefficiency
 from dmdcopy.nets.mlp import MLP
 from dmdcopy.noise import noise_for_seeds
 from dmdcopy.samplers import teacher_ode
@@ -204,7 +206,8 @@ def run_ablations(
                                         generator=torch.Generator().manual_seed(seed + 8))
 
     shape = (config.dim,)
-    z = noise_for_seeds(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + config.num_eval), shape, device=device)
+    eval_seeds = range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + config.num_eval)
+    z = noise_for_seeds(eval_seeds, shape, device=device)
     pair_seeds = range(PAIR_SEED_OFFSET, PAIR_SEED_OFFSET + config.num_pairs)
     z_pairs = noise_for_seeds(pair_seeds, shape, device=device)
     sig = karras_sigmas(config.ode_steps, config.teacher.sigma_min, config.teacher.sigma_max)
@@ -213,9 +216,12 @@ def run_ablations(
     with torch.no_grad():
         if config.kind == "power_law_gaussian":
             x_exact = exact.ode_map(z.double(), config.teacher.sigma_max).float()
+            exact_set = teacher_set(eval_seeds, z, x_exact, solver="closed_form",
+                                    sigmas=torch.tensor([config.teacher.sigma_max, 0.0]))
         else:
             fine = karras_sigmas(128, config.teacher.sigma_min, config.teacher.sigma_max)
             x_exact = batched(lambda zz: teacher_ode(exact, zz.double(), fine).float(), z)
+            exact_set = teacher_set(eval_seeds, z, x_exact, sigmas=fine)
 
     records: dict[str, dict] = {}
     for v in config.variants:
@@ -233,6 +239,7 @@ def run_ablations(
             teacher = trained_level
         with timer(f"map_{v.name}"), torch.no_grad():
             t_samples = batched(lambda zz, T=teacher: teacher_ode(T, zz, sig), z)
+            t_set = teacher_set(eval_seeds, z, t_samples, sigmas=sig)
             pairs = None
             if v.regression:
                 pairs = (z_pairs, batched(lambda zz, T=teacher: teacher_ode(T, zz, sig), z_pairs))
@@ -247,21 +254,20 @@ def run_ablations(
 
             fake = copy.deepcopy(trained_level)
         with torch.no_grad():  # before any DMD step: how much of the pairing the initialisation already has
-            de_init = pairing_summary(batched(G, z), t_samples, n_boot=0)["delta_e"]
+            de_init = measure_student(G, t_set, n_boot=0).result
         with timer(f"distill_{v.name}"):
             run = distill_student(teacher, G, dcfg, fake_score=fake, real_data=train_set if v.gan else None,
                                   regression_pairs=pairs, seed=seed + 6)
         G.eval()
         with timer(f"eval_{v.name}"):
-            rec, _ = evaluate_student(G, z, t_samples, exact_samples=x_exact, quality=quality,
-                                      n_boot=config.n_boot)
+            rec, _ = evaluate_student(G, t_set, exact=exact_set, quality=quality, n_boot=config.n_boot)
         rec.update(variant=dataclasses.asdict(v), distill=run, teacher_step=level_step,
-                   delta_e_at_init=de_init,
+                   delta_e_at_init=de_init.delta_e if de_init is not None else None,
                    teacher_quality=quality(t_samples),
                    teacher_transport=transport_summary(z, t_samples, n_boot=0)["value"],
                    teacher_ode_error=float((t_samples - x_exact).pow(2).mean().sqrt())
                    / config.teacher.sigma_data,
-                   teacher_delta_e_vs_exact=pairing_summary(t_samples, x_exact, n_boot=0)["delta_e"])
+                   teacher_delta_e_vs_exact=pairing_inefficiency(t_samples, x_exact, n_boot=0).delta_e)
         if v.memorising_net and rec["finite"]:
             rec["memorisation"] = _memorisation_record(teacher, G, mem_set, z, t_samples, sig,
                                                        config.memorise_teacher.sigma_data)

@@ -1,4 +1,4 @@
-"""Pieces every experiment shares: sample quality against exact data, pairing measurements, timing.
+"""Pieces every experiment shares: sample quality against exact data, Delta E records, timing.
 
 Nothing here trains; the experiment modules compose these with :mod:`dmdcopy.distill` and
 :mod:`dmdcopy.experiments.teacher_training`.
@@ -6,9 +6,8 @@ Nothing here trains; the experiment modules compose these with :mod:`dmdcopy.dis
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -16,15 +15,17 @@ import torch
 
 from dmdcopy.distill import DistillConfig
 from dmdcopy.errors import ShapeError
-from dmdcopy.metrics import pairing_inefficiency, transport_inefficiency
+from dmdcopy.measure import DeltaEReport, TeacherSamples
+from dmdcopy.metrics import PairingResult, transport_inefficiency
 
 __all__ = [
+    "DELTA_E_FIELDS",
     "Timer",
     "batched",
-    "finite_or_none",
+    "delta_e_record",
     "gaussian_frechet",
-    "pairing_summary",
     "sliced_wasserstein",
+    "teacher_set",
     "transport_summary",
 ]
 
@@ -98,13 +99,48 @@ def gaussian_frechet(samples: torch.Tensor, mean: torch.Tensor, cov: torch.Tenso
     return max(value, 0.0) / m.shape[0]
 
 
-def pairing_summary(student: torch.Tensor, teacher: torch.Tensor, *, n_boot: int = 500,
-                    generator: torch.Generator | None = None) -> dict:
-    """Delta E of ``student`` against ``teacher`` (rows paired by shared noise) as a JSON-ready dict."""
-    r = pairing_inefficiency(student, teacher, n_boot=n_boot, generator=generator)
-    keys = ("delta_e", "ci_low", "ci_high", "e_pair", "e_opt", "e_ind", "n", "dim", "block_size",
-            "n_blocks", "resolution", "own_pair_rate", "pair_ind_ratio", "warning")
-    return {k: getattr(r, k) for k in keys}
+# PairingResult fields an experiment's JSON keeps (not the bootstrap draws nor the per-block lists):
+# the finite-N figure and its bootstrap interval, the bracket for the population Delta E (point
+# estimates, then its bootstrap ends: the interval to report), the energies, the resolution
+# figures, and the warnings.
+DELTA_E_FIELDS = (
+    "delta_e", "ci_low", "ci_high", "delta_e_lower", "delta_e_upper", "bracket_low", "bracket_high",
+    "e_pair", "e_opt", "e_opt_lower", "e_ind", "n", "dim", "block_size", "n_blocks", "resolution",
+    "own_pair_rate", "pair_ind_ratio", "warning", "warnings",
+)
+
+
+def delta_e_record(r: DeltaEReport | PairingResult) -> dict | None:
+    """The JSON record of a Delta E measurement (:data:`DELTA_E_FIELDS`, NaN as ``None``); ``None``
+    for a report without a result (the student's samples were not finite)."""
+    if isinstance(r, DeltaEReport):
+        if r.result is None:
+            return None
+        r = r.result
+    d = r.to_dict()
+    return {k: d[k] for k in DELTA_E_FIELDS}
+
+
+def teacher_set(
+    seeds: Sequence[int],
+    z: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    sigmas: torch.Tensor,
+    solver: str = "heun",
+) -> TeacherSamples:
+    """A teacher's map ``x = T(z)`` of the noises ``z`` of ``seeds`` (made by the caller) as the
+    :class:`~dmdcopy.measure.TeacherSamples` that :func:`~dmdcopy.measure.measure_student` reads.
+
+    Args:
+        seeds: the seeds of the rows of ``z``; z, x: ``(N, ...)``.
+        sigmas: the ODE grid ``x`` was integrated on; solver: its name.
+    """
+    if z.shape[0] != len(seeds) or x.shape[0] != z.shape[0]:
+        raise ShapeError(f"teacher_set: {len(seeds)} seeds, z {tuple(z.shape)} and x {tuple(x.shape)} "
+                         "need the same number of rows")
+    return TeacherSamples(seeds=[int(s) for s in seeds], z=z, x=x, labels=None, sigmas=sigmas,
+                          solver=solver, fingerprint=None)
 
 
 def transport_summary(noise: torch.Tensor, samples: torch.Tensor, *, n_boot: int = 500,
@@ -132,11 +168,6 @@ class Timer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-
-def finite_or_none(v: float) -> float | None:
-    """JSON has no NaN: map non-finite floats to ``None``."""
-    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 def toy_distill_config(num_steps: int) -> DistillConfig:

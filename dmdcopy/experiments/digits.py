@@ -30,7 +30,7 @@ from torch import nn
 from dmdcopy.data.digits import load_digits, split_digits
 from dmdcopy.distill.config import DistillConfig
 from dmdcopy.errors import ConfigError
-from dmdcopy.experiments.common import Timer, batched, sliced_wasserstein, toy_distill_config
+from dmdcopy.experiments.common import Timer, batched, sliced_wasserstein, teacher_set, toy_distill_config
 from dmdcopy.experiments.pipeline import distill_student, evaluate_student, make_student
 from dmdcopy.experiments.report import machine_info
 from dmdcopy.experiments.teacher_training import TeacherConfig, train_teacher
@@ -187,7 +187,8 @@ def run_digits(
     with timer("teacher_training"):
         trained = train_teacher(sample_train, net, config.teacher, snapshot_steps=steps,
                                 generator=torch.Generator().manual_seed(config.seed + 1))
-    z = noise_for_seeds(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + config.num_eval), shape, device=device)
+    eval_seeds = range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + config.num_eval)
+    z = noise_for_seeds(eval_seeds, shape, device=device)
     ref = held_out[: min(config.num_eval, held_out.shape[0])]
     sig = karras_sigmas(config.ode_steps, config.teacher.sigma_min, config.teacher.sigma_max)
 
@@ -219,6 +220,7 @@ def run_digits(
         say(f"digits: {name} teacher map")
         with timer(f"map_{name}"), torch.no_grad():
             t_samples = batched(lambda zz, T=teacher: teacher_ode(T, zz, sig), z, 256)
+        t_set = teacher_set(eval_seeds, z, t_samples, sigmas=sig)
         rec: dict = dict(quality=quality(t_samples), students={})
         for init in inits:
             say(f"digits: {name} student {init}")
@@ -230,7 +232,7 @@ def run_digits(
                 run = distill_student(teacher, G, config.distill, fake_score=fake)
             G.eval()
             with timer(f"eval_{name}_{init}"):
-                st, _ = evaluate_student(G, z, t_samples, quality=quality, n_boot=config.n_boot, batch=256)
+                st, _ = evaluate_student(G, t_set, quality=quality, n_boot=config.n_boot, batch=256)
             st["distill"] = run
             rec["students"][init] = st
         teachers[name] = rec

@@ -4,7 +4,8 @@ measure its pairing against the teacher's on shared noise.
 A student is ``G(z) = D_theta(sigma_max z, sigma_max)`` (:class:`dmdcopy.students.OneStepStudent`)
 whose denoiser is either a copy of the teacher (DMD2's initialisation) or a fresh network of the
 same architecture ("scratch"). :func:`distill_student` is the one place the experiments call the
-distiller, so its API lives in one spot.
+distiller, and :func:`evaluate_student` the one place they measure a student
+(:func:`dmdcopy.measure.measure_student`, the path of :func:`dmdcopy.delta_e` and ``dmdcopy delta-e``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 from dmdcopy.errors import ConfigError
-from dmdcopy.experiments.common import batched, pairing_summary, transport_summary
+from dmdcopy.experiments.common import batched, delta_e_record, transport_summary
+from dmdcopy.measure import TeacherSamples, measure_student
 from dmdcopy.precond import EDMPrecond
 from dmdcopy.students import OneStepStudent
 
@@ -110,38 +112,39 @@ def distill_student(
 
 
 def evaluate_student(
-    G: Callable[[torch.Tensor], torch.Tensor],
-    z: torch.Tensor,
-    teacher_samples: torch.Tensor,
+    G: Callable[..., torch.Tensor],
+    teacher: TeacherSamples,
     *,
-    exact_samples: torch.Tensor | None = None,
+    exact: TeacherSamples | None = None,
     quality: Callable[[torch.Tensor], dict] | None = None,
     n_boot: int = 500,
     batch: int = 1024,
 ) -> tuple[dict, torch.Tensor]:
-    """Measure a student on noises ``z``.
+    """Measure a student on the noises of ``teacher`` with :func:`dmdcopy.measure.measure_student`.
 
     Args:
         G: the student ``z -> x``.
-        z: ``(N, ...)`` standard-normal noise, shared with ``teacher_samples``.
-        teacher_samples: ``(N, ...)`` the trained teacher's ``T(z)``.
-        exact_samples: ``(N, ...)`` the exact teacher's map of the same ``z``, when known.
+        teacher: the trained teacher's map ``T(z)`` of the evaluation noises
+            (:func:`~dmdcopy.experiments.common.teacher_set`).
+        exact: the exact teacher's map of the same noises, when known.
         quality: ``samples -> dict`` of distribution-quality figures against the exact data.
 
-    Returns: ``(summary, samples)``: ``summary`` holds ``delta_e`` (against the trained teacher),
-    ``delta_e_vs_exact``, ``transport`` (teacher-free), ``quality`` and ``finite``; ``samples`` is
+    Returns: ``(summary, samples)``: ``summary`` holds ``finite``, ``n``, ``n_nonfinite``,
+    ``delta_e`` (against the trained teacher) and ``delta_e_vs_exact``
+    (:func:`~dmdcopy.experiments.common.delta_e_record`), ``transport`` (teacher-free) and
+    ``quality``, the last four ``None`` when the student's samples are not finite; ``samples`` is
     ``G(z)`` on the CPU.
     """
+    report = measure_student(G, teacher, batch=batch, n_boot=n_boot)
     with torch.no_grad():
-        s = batched(G, z, batch).detach()
-    finite = bool(torch.isfinite(s).all())
-    out: dict = dict(finite=finite, n=int(z.shape[0]))
-    if not finite:
+        s = batched(G, teacher.z, batch).detach()
+    out: dict = dict(finite=report.result is not None, n=len(teacher.seeds), n_nonfinite=report.n_nonfinite)
+    if report.result is None:
         out.update(delta_e=None, delta_e_vs_exact=None, transport=None, quality=None)
         return out, s.cpu()
-    out["delta_e"] = pairing_summary(s, teacher_samples, n_boot=n_boot)
-    if exact_samples is not None:
-        out["delta_e_vs_exact"] = pairing_summary(s, exact_samples, n_boot=n_boot)
-    out["transport"] = transport_summary(z, s, n_boot=n_boot)
+    out["delta_e"] = delta_e_record(report)
+    if exact is not None:
+        out["delta_e_vs_exact"] = delta_e_record(measure_student(G, exact, batch=batch, n_boot=n_boot))
+    out["transport"] = transport_summary(teacher.z, s, n_boot=n_boot)
     out["quality"] = quality(s) if quality is not None else {}
     return out, s.cpu()

@@ -99,11 +99,56 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "  n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
+def _pair(lo: float | None, hi: float | None) -> str:
+    return f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
+# The figures beside each finite-N Delta E, in every table: its bootstrap interval, the bracket for
+# the population Delta E (point estimates of its two ends) and the bracket's bootstrap ends.
+_DE_HEAD = f"{'Delta E':>8} {'95% interval':>16} {'bracket':>16} {'bracket 95%':>16}"
+_DE_NOTE = ("Delta E: the finite-N figure (exact assignment among N samples), biased towards 0 in high d.\n"
+            "bracket: [delta_e_lower, delta_e_upper], the ends of an interval for the population Delta E.\n"
+            "bracket 95%: the bracket's bootstrap ends, the interval to report (docs/delta_e.md).")
+
+
+def _de_cells(de: dict) -> str:
+    """The Delta E cells of a table row (:data:`_DE_HEAD`); results written before the bracket
+    existed show ``n/a`` there."""
+    return (f"{_fmt(de.get('delta_e')):>8} {_pair(de.get('ci_low'), de.get('ci_high')):>16} "
+            f"{_pair(de.get('delta_e_lower'), de.get('delta_e_upper')):>16} "
+            f"{_pair(de.get('bracket_low'), de.get('bracket_high')):>16}")
+
+
+class _Warnings:
+    """Footnotes for a table: each distinct warning text gets a number, rows list their numbers."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[str, int] = {}
+
+    def mark(self, de: dict) -> str:
+        texts = de.get("warnings")
+        if texts is None:  # results written before ``warnings`` existed
+            texts = [de["warning"]] if de.get("warning") else []
+        return ",".join(str(self.numbers.setdefault(t, len(self.numbers) + 1)) for t in texts)
+
+    def lines(self) -> list[str]:
+        if not self.numbers:
+            return ["warnings: none"]
+        return ["warnings:"] + [f"  [{n}] {t}" for t, n in self.numbers.items()]
+
+
+def _finish(lines: list[str], notes: _Warnings) -> str:
+    return "\n".join([*(line.rstrip() for line in lines), "", _DE_NOTE, *notes.lines()])
+
+
 def format_sweep_table(results: dict) -> str:
-    """A plain-text table of a dimension sweep: one row per (data kind, d, student)."""
-    head = (f"{'data':<18} {'d':>5} {'student':<13} {'Delta E':>8} {'95% interval':>17} "
-            f"{'res.':>5} {'own%':>5} {'teacher ODE err':>15} {'SW student':>10} {'SW teacher':>10}")
+    """A plain-text table of a dimension sweep: one row per (data kind, d, student), with the
+    finite-N Delta E, its bootstrap interval, the population bracket and the metric's warnings
+    (numbered below the table)."""
+    head = (f"{'data':<18} {'d':>5} {'student':<13} {_DE_HEAD} {'res.':>5} {'own%':>5} "
+            f"{'teacher ODE err':>15} {'SW student':>10} {'SW teacher':>10}  warn")
     lines = [head, "-" * len(head)]
+    notes = _Warnings()
     for point in results["points"]:
         teacher = point["teacher"]
         for name in STUDENT_ORDER:
@@ -112,40 +157,52 @@ def format_sweep_table(results: dict) -> str:
             st = point["students"][name]
             de = st["delta_e"]
             if not st["finite"] or de is None:
-                lines.append(f"{point['kind']:<18} {point['dim']:>5} {name:<13} non-finite samples")
+                lines.append(f"{point['kind']:<18} {point['dim']:>5} {name:<13} {_non_finite(st)}")
                 continue
-            interval = f"[{_fmt(de['ci_low'])}, {_fmt(de['ci_high'])}]"
             lines.append(
-                f"{point['kind']:<18} {point['dim']:>5} {name:<13} {_fmt(de['delta_e']):>8} {interval:>17} "
+                f"{point['kind']:<18} {point['dim']:>5} {name:<13} {_de_cells(de)} "
                 f"{_fmt(de['resolution'], 2):>5} {100 * (de['own_pair_rate'] or 0):>5.1f} "
                 f"{_fmt(teacher['ode_error']['relative_rmse']):>15} "
                 f"{_fmt(st['quality']['sliced_wasserstein']):>10} "
-                f"{_fmt(teacher['quality']['sliced_wasserstein']):>10}"
+                f"{_fmt(teacher['quality']['sliced_wasserstein']):>10}  {notes.mark(de)}"
             )
-    return "\n".join(lines)
+    return _finish(lines, notes)
 
 
-def _errorbars(points: list[dict], kind: str, name: str) -> tuple[list, list, list, list]:
-    dims, ys, lo, hi = [], [], [], []
+def _num(v: float | None) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _series(points: list[dict], kind: str, name: str) -> dict[str, list]:
+    """Per d, a student's finite-N Delta E with its interval's distances below and above, and the
+    population bracket's bootstrap ends (its point estimates where there was no bootstrap; NaN,
+    a gap in the band, where the results have no bracket)."""
+    out: dict[str, list] = dict(dims=[], ys=[], lo=[], hi=[], band_lo=[], band_hi=[])
     for p in points:
         if p["kind"] != kind or name not in p["students"]:
             continue
         de = p["students"][name]["delta_e"]
         if de is None or de["delta_e"] is None:  # None: the student's samples were not finite
             continue
-        dims.append(p["dim"])
-        ys.append(de["delta_e"])
-        lo.append(de["delta_e"] - (de["ci_low"] if de["ci_low"] is not None else de["delta_e"]))
-        hi.append((de["ci_high"] if de["ci_high"] is not None else de["delta_e"]) - de["delta_e"])
-    return dims, ys, lo, hi
+        y = de["delta_e"]
+        out["dims"].append(p["dim"])
+        out["ys"].append(y)
+        out["lo"].append(y - (de["ci_low"] if de["ci_low"] is not None else y))
+        out["hi"].append((de["ci_high"] if de["ci_high"] is not None else y) - y)
+        low, high = _bracket(de)
+        out["band_lo"].append(_num(low))
+        out["band_hi"].append(_num(high))
+    return out
 
 
 def plot_sweep(results: dict, path: str | os.PathLike, *, max_lines: int = 150) -> Path:
     """Figure of a dimension sweep, saved as PNG at ``path``.
 
-    Top row: Delta E against d (log axis) per data kind, one line per student variant, bars for the
-    bootstrap interval, the teacher-initialised student's Delta E before training (dotted), and the
-    teacher's own Delta E against the exact ODE as a dashed reference.
+    Top row: Delta E against d (log axis) per data kind, one line per student variant: the
+    finite-N figure with bars for its bootstrap interval, and a shaded band of the same colour for
+    the bracket that should contain the population Delta E (its bootstrap ends); the
+    teacher-initialised student's finite-N Delta E before training (dotted), and the teacher's own
+    finite-N Delta E against the exact ODE as a dashed reference.
     Bottom row (when the sweep has d = 2): for each data kind, the teacher's sample ``T(z)`` (blue)
     and the teacher-initialised student's ``G(z)`` (orange; without that student, the one from
     scratch) of the same noise ``z``, joined by a grey
@@ -162,9 +219,12 @@ def plot_sweep(results: dict, path: str | os.PathLike, *, max_lines: int = 150) 
     for j, kind in enumerate(kinds):
         ax = axes[0][j]
         for name, marker in zip(STUDENT_ORDER, ("o", "s")):
-            dims, ys, lo, hi = _errorbars(results["points"], kind, name)
-            if dims:
-                ax.errorbar(dims, ys, yerr=[lo, hi], marker=marker, capsize=3, label=f"student: {name}")
+            sr = _series(results["points"], kind, name)
+            if sr["dims"]:
+                line = ax.errorbar(sr["dims"], sr["ys"], yerr=[sr["lo"], sr["hi"]], marker=marker, capsize=3,
+                                   label=f"student: {name}, finite-N")
+                ax.fill_between(sr["dims"], sr["band_lo"], sr["band_hi"], color=line[0].get_color(),
+                                alpha=0.18, lw=0, label=f"student: {name}, population bracket")
         init = [(p["dim"], p["students"]["teacher_init"].get("delta_e_at_init")) for p in results["points"]
                 if p["kind"] == kind and "teacher_init" in p["students"]]
         init = [(d, v) for d, v in init if v is not None]
@@ -206,52 +266,62 @@ def plot_sweep(results: dict, path: str | os.PathLike, *, max_lines: int = 150) 
     return Path(path)
 
 
+def _non_finite(rec: dict) -> str:
+    k = rec.get("n_nonfinite")
+    return "non-finite samples" + (f" ({k} of {rec['n']})" if k and rec.get("n") else "")
+
+
 def format_ablation_table(results: dict) -> str:
-    """A plain-text table of an ablation run: one row per variant."""
-    head = (f"{'variant':<22} {'Delta E':>8} {'95% interval':>17} {'vs exact':>8} {'transport':>9} "
-            f"{'SW student':>10} {'SW teacher':>10} {'T transport':>11}")
+    """A plain-text table of an ablation run: one row per variant, with the finite-N Delta E, its
+    interval, the population bracket and the metric's warnings (numbered below the table)."""
+    head = (f"{'variant':<22} {_DE_HEAD} {'vs exact':>8} {'transport':>9} "
+            f"{'SW student':>10} {'SW teacher':>10} {'T transport':>11}  warn")
     lines = [head, "-" * len(head)]
+    notes = _Warnings()
     for name, rec in results["variants"].items():
         if not rec["finite"]:
-            lines.append(f"{name:<22} non-finite samples")
+            lines.append(f"{name:<22} {_non_finite(rec)}")
             continue
         de = rec["delta_e"]
-        interval = f"[{_fmt(de['ci_low'])}, {_fmt(de['ci_high'])}]"
         lines.append(
-            f"{name:<22} {_fmt(de['delta_e']):>8} {interval:>17} "
+            f"{name:<22} {_de_cells(de)} "
             f"{_fmt(rec['delta_e_vs_exact']['delta_e']):>8} {_fmt(rec['transport']['value']):>9} "
             f"{_fmt(rec['quality']['sliced_wasserstein']):>10} "
             f"{_fmt(rec['teacher_quality']['sliced_wasserstein']):>10} "
-            f"{_fmt(rec.get('teacher_transport')):>11}"
+            f"{_fmt(rec.get('teacher_transport')):>11}  {notes.mark(de)}"
         )
-    return "\n".join(lines)
+    return _finish(lines, notes)
 
 
 def format_digits_table(results: dict) -> str:
-    """A plain-text table of the digits experiment: one row per (teacher, student)."""
-    head = (f"{'teacher':<14} {'student':<13} {'Delta E':>8} {'95% interval':>17} {'SW held-out':>11} "
-            f"{'memorised':>9} {'teacher SW':>10} {'teacher mem.':>12}")
+    """A plain-text table of the digits experiment: one row per (teacher, student), with the
+    finite-N Delta E, its interval, the population bracket and the metric's warnings."""
+    head = (f"{'teacher':<14} {'student':<13} {_DE_HEAD} {'SW held-out':>11} "
+            f"{'memorised':>9} {'teacher SW':>10} {'teacher mem.':>12}  warn")
     lines = [head, "-" * len(head)]
+    notes = _Warnings()
     for name, rec in results["teachers"].items():
         tq = rec["quality"]
         for init, st in rec["students"].items():
             if not st["finite"]:
-                lines.append(f"{name:<14} {init:<13} non-finite samples")
+                lines.append(f"{name:<14} {init:<13} {_non_finite(st)}")
                 continue
             de = st["delta_e"]
-            interval = f"[{_fmt(de['ci_low'])}, {_fmt(de['ci_high'])}]"
             lines.append(
-                f"{name:<14} {init:<13} {_fmt(de['delta_e']):>8} {interval:>17} "
+                f"{name:<14} {init:<13} {_de_cells(de)} "
                 f"{_fmt(st['quality']['sliced_wasserstein_held_out']):>11} "
                 f"{_fmt(st['quality']['memorised_rate'], 2):>9} "
-                f"{_fmt(tq['sliced_wasserstein_held_out']):>10} {_fmt(tq['memorised_rate'], 2):>12}"
+                f"{_fmt(tq['sliced_wasserstein_held_out']):>10} {_fmt(tq['memorised_rate'], 2):>12}  "
+                f"{notes.mark(de)}"
             )
-    return "\n".join(lines)
+    return _finish(lines, notes)
 
 
 def plot_bars(rows: list[tuple[str, float | None, float | None, float | None]], path: str | os.PathLike,
-              *, title: str) -> Path:
-    """A bar chart of Delta E with interval bars: ``rows`` of ``(label, value, low, high)``."""
+              *, title: str, brackets: list[tuple[float | None, float | None]] | None = None) -> Path:
+    """A bar chart of Delta E with interval bars: ``rows`` of ``(label, value, low, high)``; with
+    ``brackets`` (one ``(low, high)`` per row), an orange bar beside each for the bracket of the
+    population Delta E."""
     Figure, FigureCanvasAgg = require_matplotlib()
     fig = Figure(figsize=(max(4.0, 0.9 * len(rows) + 1.5), 3.8), layout="constrained")
     FigureCanvasAgg(fig)
@@ -260,7 +330,15 @@ def plot_bars(rows: list[tuple[str, float | None, float | None, float | None]], 
     vals = [r[1] if r[1] is not None else float("nan") for r in rows]
     lo = [(r[1] - r[2]) if None not in (r[1], r[2]) else 0.0 for r in rows]
     hi = [(r[3] - r[1]) if None not in (r[1], r[3]) else 0.0 for r in rows]
-    ax.bar(range(len(rows)), vals, yerr=[lo, hi], capsize=3, color="tab:blue")
+    ax.bar(range(len(rows)), vals, yerr=[lo, hi], capsize=3, color="tab:blue", ecolor="0.25",
+           label="finite-N, bootstrap interval")
+    if brackets is not None:
+        b_lo, b_hi = [_num(b[0]) for b in brackets], [_num(b[1]) for b in brackets]
+        mid = [(a + b) / 2 for a, b in zip(b_lo, b_hi)]
+        half = [(b - a) / 2 for a, b in zip(b_lo, b_hi)]
+        ax.errorbar([i + 0.3 for i in range(len(rows))], mid, yerr=half, fmt="none", ecolor="tab:orange",
+                    elinewidth=2.5, capsize=3, label="population bracket (95%)")
+        ax.legend(fontsize=8)
     ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
     ax.axhline(1, color="grey", lw=0.5, ls=":")
     ax.set_ylabel("Delta E (0 = copies, 1 = random pairing)")
@@ -269,22 +347,31 @@ def plot_bars(rows: list[tuple[str, float | None, float | None, float | None]], 
     return Path(path)
 
 
+def _bracket(de: dict) -> tuple[float | None, float | None]:
+    """The bracket's bootstrap ends, or its point estimates where there was no bootstrap."""
+    low, high = de.get("bracket_low"), de.get("bracket_high")
+    return (low if low is not None else de.get("delta_e_lower"),
+            high if high is not None else de.get("delta_e_upper"))
+
+
 def plot_ablations(results: dict, path: str | os.PathLike) -> Path:
-    """Delta E per ablation variant, with bootstrap intervals."""
-    rows = []
+    """Delta E per ablation variant, with bootstrap intervals and population brackets."""
+    rows, brackets = [], []
     for name, rec in results["variants"].items():
         de = rec["delta_e"] or {}
         rows.append((name, de.get("delta_e"), de.get("ci_low"), de.get("ci_high")))
+        brackets.append(_bracket(de))
     d = results["data"]
-    return plot_bars(rows, path, title=f"ablations: {d['kind']}, d = {d['dim']}")
+    return plot_bars(rows, path, title=f"ablations: {d['kind']}, d = {d['dim']}", brackets=brackets)
 
 
 def plot_digits(results: dict, path: str | os.PathLike) -> Path:
     """Delta E per digits teacher (convergence levels, memorising) and student init."""
-    rows = []
+    rows, brackets = [], []
     for name, rec in results["teachers"].items():
         for init, st in rec["students"].items():
             de = st["delta_e"] or {}
             rows.append((f"{name}/{init}", de.get("delta_e"), de.get("ci_low"), de.get("ci_high")))
+            brackets.append(_bracket(de))
     res = results["config"]["resolution"]
-    return plot_bars(rows, path, title=f"digits {res}x{res}")
+    return plot_bars(rows, path, title=f"digits {res}x{res}", brackets=brackets)

@@ -32,15 +32,18 @@ from dmdcopy.errors import ConfigError
 from dmdcopy.experiments.common import (
     Timer,
     batched,
+    delta_e_record,
     gaussian_frechet,
-    pairing_summary,
     sliced_wasserstein,
+    teacher_set,
     toy_distill_config,
     transport_summary,
 )
 from dmdcopy.experiments.pipeline import STUDENT_INITS, distill_student, evaluate_student, make_student
 from dmdcopy.experiments.report import machine_info
 from dmdcopy.experiments.teacher_training import TeacherConfig, train_teacher
+from dmdcopy.measure import measure_student
+from dmdcopy.metrics import pairing_inefficiency
 from dmdcopy.nets.mlp import MLP
 from dmdcopy.noise import noise_for_seeds
 from dmdcopy.samplers import teacher_ode
@@ -187,9 +190,13 @@ def run_sweep_point(
         t_samples = batched(lambda zz: teacher_ode(teacher, zz, sig), z)
         if kind == "power_law_gaussian":
             x_exact = exact.ode_map(z.double(), sigma_max).float()
+            exact_set = teacher_set(seeds, z, x_exact, sigmas=torch.tensor([sigma_max, 0.0]),
+                                    solver="closed_form")
         else:
             sig_fine = karras_sigmas(config.exact_ode_steps, config.teacher.sigma_min, sigma_max)
             x_exact = batched(lambda zz: teacher_ode(exact, zz.double(), sig_fine).float(), z)
+            exact_set = teacher_set(seeds, z, x_exact, sigmas=sig_fine)
+    trained_set = teacher_set(seeds, z, t_samples, sigmas=sig)
     reference = data.sample(config.num_eval, generator=torch.Generator().manual_seed(point_seed + 2))
     floor_ref = data.sample(config.num_eval, generator=torch.Generator().manual_seed(point_seed + 3))
     quality = _quality_fn(data, reference, kind, point_seed + 4)
@@ -198,7 +205,7 @@ def run_sweep_point(
             train=trained.summary(),
             # the same z through the trained and the exact map: the teacher's error, in sigma_data units
             ode_error=_relative_rmse(t_samples, x_exact, config.teacher.sigma_data),
-            delta_e_vs_exact=pairing_summary(t_samples, x_exact, n_boot=config.n_boot),
+            delta_e_vs_exact=delta_e_record(pairing_inefficiency(t_samples, x_exact, n_boot=config.n_boot)),
             transport=transport_summary(z, t_samples, n_boot=config.n_boot),
             quality=quality(t_samples),
             quality_floor=quality(floor_ref),  # exact samples: what finite N alone gives
@@ -210,14 +217,13 @@ def run_sweep_point(
         say(f"{kind} d={dim}: student {init}")
         G = make_student(teacher, init, seed=point_seed + 5)
         with torch.no_grad():
-            de_init = pairing_summary(batched(G, z), t_samples, n_boot=0)
+            de_init = measure_student(G, trained_set, n_boot=0).result
         with timer(f"distill_{init}"):
             run = distill_student(teacher, G, config.distill)
         G.eval()
         with timer(f"eval_{init}"):
-            rec, s = evaluate_student(G, z, t_samples, exact_samples=x_exact, quality=quality,
-                                      n_boot=config.n_boot)
-        rec["delta_e_at_init"] = de_init["delta_e"]
+            rec, s = evaluate_student(G, trained_set, exact=exact_set, quality=quality, n_boot=config.n_boot)
+        rec["delta_e_at_init"] = de_init.delta_e if de_init is not None else None
         rec["distill"] = run
         students[init] = rec
         samples[init] = s
