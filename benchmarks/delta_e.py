@@ -4,6 +4,7 @@ Usage (as recorded in docs/performance.md)::
 
     python benchmarks/delta_e.py --sizes 2000 10000 --threads 2
     python benchmarks/delta_e.py --pairs-only --threads 1
+    python benchmarks/delta_e.py --sizes 10000 --device cuda     # the GPU figure (cost on the GPU)
 
 Data for the metric: teacher samples ``t ~ N(0, I)`` at 3x64x64 and two students: a partial copy
 ``s = t + 0.5 * noise`` and an independent one (fresh ``N(0, I)``). For each, in the same run:
@@ -38,7 +39,7 @@ def bare(s: torch.Tensor, t: torch.Tensor) -> tuple[float, float]:
     a, b = s.flatten(1).double(), t.flatten(1).double()
     center = b.mean(0)
     a, b = a - center, b - center
-    cost = ((a.square().sum(1)[:, None] + b.square().sum(1)[None] - 2 * a @ b.T) / a.shape[1]).numpy()
+    cost = ((a.square().sum(1)[:, None] + b.square().sum(1)[None] - 2 * a @ b.T) / a.shape[1]).cpu().numpy()
     rows, cols = linear_sum_assignment(cost)
     e_pair, e_opt, e_ind = float(np.diag(cost).mean()), float(cost[rows, cols].mean()), float(cost.mean())
     return (e_pair - e_opt) / (e_ind - e_opt), e_opt
@@ -58,12 +59,12 @@ class StageClock:
         self.t = now
 
 
-def bench_metric(n: int, shape: tuple[int, ...], n_boot: int) -> list[dict]:
+def bench_metric(n: int, shape: tuple[int, ...], n_boot: int, device: torch.device) -> list[dict]:
     g = torch.Generator().manual_seed(n)
-    t = torch.randn((n, *shape), generator=g)
+    t = torch.randn((n, *shape), generator=g).to(device)
     rows = []
-    for name, s in (("copy", t + 0.5 * torch.randn((n, *shape), generator=g)),
-                    ("indep", torch.randn((n, *shape), generator=g))):
+    for name, s in (("copy", t + 0.5 * torch.randn((n, *shape), generator=g).to(device)),
+                    ("indep", torch.randn((n, *shape), generator=g).to(device))):
         t0 = time.perf_counter()
         ref_delta, ref_opt = bare(s, t)
         t1 = time.perf_counter()
@@ -101,14 +102,17 @@ def main() -> None:
     p.add_argument("--pairs-only", action="store_true")
     p.add_argument("--pairs-n", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "no GPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device} ({gpu})",
+          flush=True)
     if not args.pairs_only:
         print("student, N, bare [s], dmdcopy [s], ratio, E_opt rel diff, Delta E diff, Delta E, "
               "bracket, dmdcopy stages [s]", flush=True)
         for n in args.sizes:
-            for q in bench_metric(n, tuple(args.shape), args.n_boot):
+            for q in bench_metric(n, tuple(args.shape), args.n_boot, torch.device(args.device)):
                 stages = ", ".join(f"{k} {v:.1f}" for k, v in q["stages"].items() if v >= 0.05)
                 print(f"{q['student']}, {n}, {q['bare_s']:.1f}, {q['dmdcopy_s']:.1f}, {q['ratio']:.2f}, "
                       f"{q['e_opt_rel_diff']:.1e}, {q['delta_e_diff']:.1e}, {q['delta_e']:.4f}, "

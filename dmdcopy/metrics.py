@@ -28,10 +28,10 @@ How it is computed (every choice is reported in the result):
 
 - The cost matrix is built with torch in row chunks on the inputs' device, after subtracting the
   teacher mean from both sets, with products in ``dtype`` (float32 by default). The costs that
-  decide the figures are recomputed in float64 from ``s_i - t_j`` directly: ``E_pair``, the
-  optimal pairs' costs, and ``E_ind`` (from float64 moments), so an identical student gives
-  exactly 0 and float32 products move ``E_opt`` by at most about 1e-6 relative (the permutation
-  can only differ between near-ties).
+  decide the figures are recomputed directly from ``s_i - t_j`` with float64 sums: ``E_pair``,
+  the optimal pairs' costs, and ``E_ind`` (from moments), so an identical student gives exactly 0
+  and float32 moves the figures by about 1e-7 relative (the permutation can only differ between
+  near-ties); ``dtype=torch.float64`` makes every step float64.
 - The assignment is exact: LAPJV (the ``lap`` package) for ``dim >= 8``, where it was 2-10x faster
   than scipy on our benchmarks, :func:`scipy.optimize.linear_sum_assignment` below (there scipy
   was faster) or when ``lap`` is not installed; or any ``assignment=`` callable.
@@ -124,8 +124,11 @@ def _check_finite(x: torch.Tensor, name: str, where: str) -> None:
                          f"{rows.numel()} of {x.shape[0]} samples, first at index {int(rows[0])}")
 
 
-def _flatten_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str], where: str):
-    """Check ``a, b: (N, ...)`` of the same shape and finite; return both as ``(N, dim)``."""
+def _flatten_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str], where: str,
+                  check_finite: bool = True):
+    """Check ``a, b: (N, ...)`` of the same shape (and finite); return both as ``(N, dim)``.
+    ``check_finite=False`` leaves that check to the caller (:func:`_solve_blocks` makes it from
+    the pair costs it computes anyway, a pass over the data fewer)."""
     for x, name in zip((a, b), names):
         _check_tensor(x, name, where)
     if a.shape != b.shape:
@@ -135,8 +138,9 @@ def _flatten_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str], wher
         raise ShapeError(f"{where}: {names[0]} is on {a.device} but {names[1]} is on {b.device}")
     if a.shape[0] < 2:
         raise ShapeError(f"{where}: need at least 2 pairs, got N = {a.shape[0]}")
-    for x, name in zip((a, b), names):
-        _check_finite(x, name, where)
+    if check_finite:
+        for x, name in zip((a, b), names):
+            _check_finite(x, name, where)
     # The metric is not differentiable (an assignment); detaching keeps autograd from recording
     # the N x N cost computation when samples come straight from a network.
     return a.detach().flatten(1), b.detach().flatten(1)  # (N, dim)
@@ -158,13 +162,19 @@ def _apply_features(features: Callable, x: torch.Tensor, name: str, batch: int,
     return torch.cat(out)
 
 
+def _mean64(x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Column means of ``x: (n, dim)`` accumulated in float64, chunk by chunk: ``(dim,)``."""
+    return sum(x[lo:lo + chunk].double().sum(0) for lo in range(0, x.shape[0], chunk)) / x.shape[0]
+
+
 def _cost_rows(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, chunk: int | None,
-               progress: Progress | None = None):
+               progress: Progress | None = None, center: torch.Tensor | None = None):
     """Yield ``(lo, hi, C[lo:hi])`` of ``C_ij = ||a_i - b_j||^2 / dim`` as float64 numpy rows."""
     a = a.detach().flatten(1)
     b = b.detach().flatten(1).to(a.device)
-    center = b.double().mean(dim=0, keepdim=True)  # C is translation invariant; centring limits cancellation
-    a, b = (a.double() - center).to(dtype), (b.double() - center).to(dtype)
+    if center is None:
+        center = _mean64(b)  # C is translation invariant; centring limits cancellation
+    a, b = a.to(dtype) - center.to(dtype), b.to(dtype) - center.to(dtype)
     a_sq, b_sq = a.square().sum(dim=1), b.square().sum(dim=1)  # (N,), (M,)
     n, m, dim = a.shape[0], b.shape[0], a.shape[1]
     if chunk is None:
@@ -202,13 +212,24 @@ def pairwise_cost(
     return out
 
 
-def _direct_cost(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """``||a_i - b_i||^2 / dim`` row by row, in float64, without the expansion: ``(N,)``."""
-    out = []
-    for lo in range(0, a.shape[0], chunk):
-        d = a[lo:lo + chunk].to(torch.float64) - b[lo:lo + chunk].to(torch.float64)
-        out.append(d.square().mean(dim=1))
-    return torch.cat(out).cpu()
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """``|x_i|^2`` of the rows of ``x: (n, dim)``, accumulated in float64: ``(n,)``."""
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
+
+
+def _work_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """Precision of differences and centring: float64 when asked for (``dtype=``) or given, else
+    float32. Every sum that decides a figure accumulates in float64 either way (float32
+    differences put a relative error of about 1e-7 on the costs)."""
+    return torch.float64 if torch.float64 in (x.dtype, dtype) else torch.float32
+
+
+def _direct_cost(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64,
+                 chunk: int = 1024) -> torch.Tensor:
+    """``||a_i - b_i||^2 / dim`` row by row, without the expansion, float64: ``(N,)``."""
+    wd = _work_dtype(a, dtype)
+    out = [_sq_norms(a[lo:lo + chunk].to(wd) - b[lo:lo + chunk].to(wd)) for lo in range(0, a.shape[0], chunk)]
+    return (torch.cat(out) / a.shape[1]).cpu()
 
 
 def scipy_assignment(cost: np.ndarray) -> np.ndarray:
@@ -291,40 +312,56 @@ class _Block:
         return float(self.opt_cost.mean())
 
 
-def _ind_terms(a: torch.Tensor, b: torch.Tensor) -> tuple[float, np.ndarray]:
-    """``E_ind = mean_ij ||a_i - b_j||^2 / dim`` from float64 moments (no matrix), and the Hajek
-    terms ``r_i + c_i`` (row mean of ``C`` at ``i`` plus column mean at ``i``): ``(n,)``."""
-    center = b.double().mean(0)
-    a64, b64 = a.double() - center, b.double() - center  # then mean(b64) = 0
+def _row_terms(a: torch.Tensor, b: torch.Tensor, center: torch.Tensor, dtype: torch.dtype, chunk: int = 1024):
+    """One pass over the pairs ``a, b: (n, dim)``, centred at ``center`` (the teacher mean):
+    ``(pair_cost, e_ind, hajek)``. ``pair_cost_i = ||a_i - b_i||^2 / dim`` directly (no expansion),
+    ``E_ind = mean_ij ||a_i - b_j||^2 / dim`` from moments (no matrix), and the Hajek terms
+    ``r_i + c_i`` (row mean of ``C`` at ``i`` plus column mean at ``i``), all ``(n,)`` numpy."""
     dim = a.shape[1]
-    a_sq, b_sq = a64.square().sum(1), b64.square().sum(1)
-    a_mean = a64.mean(0)
-    rows = (a_sq + b_sq.mean()) / dim  # r_i = (|a_i|^2 + mean|b|^2 - 2 a_i . mean(b)) / dim
-    cols = (a_sq.mean() + b_sq - 2 * (b64 @ a_mean)) / dim  # c_j
-    e_ind = float(a_sq.mean() + b_sq.mean()) / dim
-    return e_ind, (rows + cols).cpu().numpy()
+    wd = _work_dtype(a, dtype)
+    a_mean = _mean64(a) - center  # mean of the centred student rows; the centred teacher's is 0
+    c, am = center.to(wd), a_mean.to(wd)
+    pair, a_sq, b_sq, b_dot = [], [], [], []
+    for lo in range(0, a.shape[0], chunk):
+        a_rows, b_rows = a[lo:lo + chunk].to(wd), b[lo:lo + chunk].to(wd)
+        pair.append(_sq_norms(a_rows - b_rows))  # uncentred: the same whatever the block
+        x, y = a_rows - c, b_rows - c
+        a_sq.append(_sq_norms(x))
+        b_sq.append(_sq_norms(y))
+        b_dot.append((y @ am).double())
+    pair_t, a_sq_t, b_sq_t, b_dot_t = (torch.cat(v) for v in (pair, a_sq, b_sq, b_dot))
+    rows = a_sq_t + b_sq_t.mean()  # r_i * dim = |a_i|^2 + mean|b|^2 - 2 a_i . mean(b), mean(b) = 0
+    cols = a_sq_t.mean() + b_sq_t - 2 * b_dot_t  # c_j * dim
+    e_ind = float(a_sq_t.mean() + b_sq_t.mean()) / dim
+    return (pair_t / dim).cpu().numpy(), e_ind, ((rows + cols) / dim).cpu().numpy()
 
 
 def _solve_block(a: torch.Tensor, b: torch.Tensor, lo: int, dtype: torch.dtype, solver,
-                 progress: Progress | None) -> _Block:
+                 progress: Progress | None, center: torch.Tensor, row_terms) -> _Block:
     """``a, b: (n, dim)``; rows ``i`` of both form pair ``i``. The ``(n, n)`` cost matrix lives only
     inside this call, so blocks are solved one after the other in bounded memory."""
     n = a.shape[0]
     cost = np.empty((n, n), dtype=np.float64)
-    for r0, r1, rows in _cost_rows(a, b, dtype, None, progress):
+    for r0, r1, rows in _cost_rows(a, b, dtype, None, progress, center=center):
         cost[r0:r1] = rows
     nearest = cost.argmin(axis=1)
     perm = optimal_assignment(cost, solver=solver)
     del cost
-    pair_cost = _direct_cost(a, b).numpy()
-    opt_cost = _direct_cost(a, b[torch.as_tensor(perm, device=b.device)]).numpy()
+    pair_cost, e_ind, hajek = row_terms
+    identity = np.arange(n)
+    opt_cost = pair_cost
+    if not np.array_equal(perm, identity):
+        moved = np.flatnonzero(perm != identity)  # only the re-paired rows need a new cost
+        opt_cost = pair_cost.copy()
+        rows = torch.as_tensor(moved, device=b.device)
+        partners = torch.as_tensor(perm[moved], device=b.device)
+        opt_cost[moved] = _direct_cost(a[rows], b[partners], dtype).numpy()
     # The identity is one of the permutations, so E_opt <= E_pair; enforce it against the
     # round-off between the expanded matrix (which chose perm) and the direct costs.
     if opt_cost.mean() >= pair_cost.mean():
         opt_cost = pair_cost
-    e_ind, hajek = _ind_terms(a, b)
     return _Block(lo=lo, pair_cost=pair_cost, opt_cost=opt_cost, hajek=hajek, e_ind=e_ind,
-                  own_pair_rate=float((nearest == np.arange(n)).mean()))
+                  own_pair_rate=float((nearest == identity).mean()))
 
 
 def _block_bounds(n: int, block_size: int) -> list[tuple[int, int]]:
@@ -342,15 +379,23 @@ def _ratio(num: float, den: float) -> float:
     return math.inf if den == 0 and num > 0 else math.nan
 
 
-def _solve_blocks(a, b, block_size, dtype, solver, where, progress=None) -> list[_Block]:
+def _solve_blocks(a, b, block_size, dtype, solver, where, names, progress=None) -> list[_Block]:
+    """Solve every block of the pairs ``a, b: (N, dim)``; raise on non-finite rows first."""
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 2:
         raise ConfigError(f"{where}: block_size must be an int >= 2, got {block_size!r}")
     solver = solver if solver is not None else _auto_assignment(a.shape[1])
     bounds = _block_bounds(a.shape[0], block_size)
+    centers = [_mean64(b[lo:hi]) for lo, hi in bounds]
+    terms = [_row_terms(a[lo:hi], b[lo:hi], c, dtype) for (lo, hi), c in zip(bounds, centers)]
+    # A NaN or inf anywhere in a row makes its pair cost non-finite: check the rows only then,
+    # for the message (naming the set and the first bad row), before any expensive work.
+    if not all(np.isfinite(t[0]).all() for t in terms):
+        for x, name in zip((a, b), names):
+            _check_finite(x, name, where)
     blocks = []
-    for k, (lo, hi) in enumerate(bounds):
+    for k, ((lo, hi), c, t) in enumerate(zip(bounds, centers, terms)):
         _report(progress, "assignment", k, len(bounds))
-        blocks.append(_solve_block(a[lo:hi], b[lo:hi], lo, dtype, solver, progress))
+        blocks.append(_solve_block(a[lo:hi], b[lo:hi], lo, dtype, solver, progress, c, t))
     _report(progress, "assignment", len(bounds), len(bounds))
     return blocks
 
@@ -582,7 +627,8 @@ def pairing_inefficiency(
         min_population_resolution: below this ``(E_ind - e_opt_lower) / E_ind`` (the most the
             population resolution can be) the result carries a warning.
         max_bracket_width: a wider ``[delta_e_lower, delta_e_upper]`` carries a warning.
-        dtype: precision of the cost-matrix products (the deciding costs are recomputed in float64).
+        dtype: precision of the cost-matrix products and of the differences behind the deciding
+            costs (those are summed in float64 either way); float64 makes every step float64.
         features: optional ``(B, ...) -> (B, F)`` (e.g. an Inception or DINO network) applied to
             both sets, ``feature_batch`` rows at a time under ``torch.no_grad()``; the metric is
             then Delta E in that feature space.
@@ -612,9 +658,9 @@ def pairing_inefficiency(
         student = _apply_features(features, student.detach(), "student", feature_batch, progress, 0, total)
         teacher = _apply_features(features, teacher.detach(), "teacher", feature_batch, progress,
                                   student.shape[0], total)
-    s, t = _flatten_pair(student, teacher, ("student", "teacher"), where)
+    s, t = _flatten_pair(student, teacher, ("student", "teacher"), where, check_finite=False)
     n = s.shape[0]
-    blocks = _solve_blocks(s, t, block_size, dtype, assignment, where, progress)
+    blocks = _solve_blocks(s, t, block_size, dtype, assignment, where, ("student", "teacher"), progress)
     e_pair, e_opt, e_ind = _pooled(blocks)
     delta_e = _ratio(e_pair - e_opt, e_ind - e_opt)
 
@@ -695,8 +741,8 @@ def transport_inefficiency(
     """
     where = "transport_inefficiency"
     _check_common(n_boot, ci, where)
-    z, x = _flatten_pair(noise, samples, ("noise", "samples"), where)
-    blocks = _solve_blocks(x, z, block_size, dtype, assignment, where)
+    z, x = _flatten_pair(noise, samples, ("noise", "samples"), where, check_finite=False)
+    blocks = _solve_blocks(x, z, block_size, dtype, assignment, where, ("samples", "noise"))
     e_model, e_opt, _ = _pooled(blocks)
     value = _ratio(e_model - e_opt, e_opt)
     ci_low = ci_high = math.nan
@@ -740,8 +786,9 @@ def copy_diagnostics(
         for r0, _, rows in _cost_rows(s[lo:hi], t[lo:hi], dtype, None):
             hits += float((rows.argmin(axis=1) == np.arange(r0, r0 + rows.shape[0])).sum())
         chance += 1.0  # b * (1 / b) expected hits per block
-        e_pair += float(_direct_cost(s[lo:hi], t[lo:hi]).sum())
-        e_ind += _ind_terms(s[lo:hi], t[lo:hi])[0] * b
+        pair_cost, e_ind_block, _ = _row_terms(s[lo:hi], t[lo:hi], _mean64(t[lo:hi]), dtype)
+        e_pair += float(pair_cost.sum())
+        e_ind += e_ind_block * b
     return {"own_pair_rate": hits / n, "chance_rate": chance / n, "pair_ind_ratio": _ratio(e_pair, e_ind)}
 
 

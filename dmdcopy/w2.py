@@ -22,7 +22,7 @@ Three things, all per dimension (``/ dim``) like the rest of :mod:`dmdcopy.metri
   mean is unbiased for a valid bound, whatever the distributions. The quadratic ``phi`` whose
   gradient is the Gaussian optimal map between the fitted moments makes the bound approach the
   Gelbrich bound ``|m_P - m_Q|^2 + Bures^2(S_P, S_Q)`` as the fit improves; in high dimension
-  the map is fitted on the leading ``rank`` principal directions of the pooled fit half and as an
+  the map is fitted on ``rank`` leading principal directions of the pooled fit half and as an
   isotropic scaling on their complement, so nothing of size ``dim x dim`` is ever formed.
 """
 
@@ -201,15 +201,33 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _project(x: torch.Tensor, m: torch.Tensor, U: torch.Tensor, v: torch.Tensor | None = None):
-    """For rows ``x: (n, dim)`` centred at ``m``: ``(P, |x'|^2, x'.v)`` with ``P = x' U: (n, r)``,
-    all float64 (``x'.v`` only when ``v`` is given)."""
-    wd = _work_dtype(x)
-    xc = x.to(wd) - m.to(wd)  # (n, dim)
-    proj = (xc @ U.to(wd)).double()
-    sq = xc.square().sum(1).double()
-    lin = (xc @ v.to(wd)).double() if v is not None else None
-    return proj, sq, lin
+@dataclass
+class _Rows:
+    """Sample rows shifted by a common point (the teacher mean: the bound is translation invariant,
+    and the shift keeps the float32 products below accurate), with their squared norms."""
+
+    x: torch.Tensor  # (n, dim), work precision
+    sq: torch.Tensor  # (n,) float64 |x_i|^2
+
+    @classmethod
+    def of(cls, x: torch.Tensor, rows: torch.Tensor, shift: torch.Tensor) -> _Rows:
+        """Rows ``rows`` of ``x: (N, dim)``, shifted."""
+        x = x.index_select(0, rows.to(x.device)).to(_work_dtype(x))  # a fresh copy: shift in place
+        x.sub_(shift.to(x.dtype))
+        return cls(x, x.square().sum(1).double())  # float32 rows: pairwise sums, ~1e-7 relative
+
+    def mean(self) -> torch.Tensor:
+        """``(dim,)`` float64 column means."""
+        return sum(self.x[lo:lo + _CHUNK].sum(0).double() for lo in range(0, self.x.shape[0], _CHUNK)) \
+            / self.x.shape[0]
+
+    def project(self, m: torch.Tensor, U: torch.Tensor, v: torch.Tensor):
+        """For the rows centred at ``m``, ``x' = x - m``: ``(x' U (n, r), |x'|^2 (n,), x'.v (n,))``,
+        float64, from one product with ``[U, m, v]`` (``m`` is small after the common shift, so
+        ``|x'|^2 = |x|^2 - 2 x.m + |m|^2`` loses nothing to cancellation)."""
+        r = U.shape[1]
+        out = (self.x @ torch.cat([U, m[:, None], v[:, None]], 1).to(self.x.dtype)).double()  # (n, r + 2)
+        return out[:, :r] - m @ U, self.sq - 2 * out[:, r] + m.dot(m), out[:, r + 1] - m.dot(v)
 
 
 @dataclass
@@ -225,54 +243,41 @@ class _Potential:
     K_inv: torch.Tensor
     c: float  # > 0
 
-    def terms(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def terms(self, a: _Rows, b: _Rows) -> torch.Tensor:
         """``(n,)`` values of ``|x|^2 + |y|^2 - 2 phi(x) - 2 phi*(y)`` for rows ``x = a_i``,
         ``y = b_i`` (only their sum over rows matters; the pairing of rows does not)."""
-        out = []
         delta = self.m_a - self.m_b
-        for lo in range(0, a.shape[0], _CHUNK):
-            px, x_sq, x_lin = _project(a[lo:lo + _CHUNK], self.m_a, self.U, delta)  # (n, r), (n,), (n,)
-            py, y_sq, y_lin = _project(b[lo:lo + _CHUNK], self.m_b, self.U, delta)
-            px_sq, py_sq = px.square().sum(1), py.square().sum(1)
-            xMx = ((px @ self.K) * px).sum(1) + self.c * (x_sq - px_sq)
-            yMy = ((py @ self.K_inv) * py).sum(1) + (y_sq - py_sq) / self.c
-            # phi*(y) = m_a . (y - m_b) + y'^T M^-1 y' / 2 (conjugate of the quadratic above);
-            # x - y = x' - y' + delta
-            out.append(x_sq + y_sq - xMx - yMy + delta.square().sum() + 2 * (x_lin - y_lin))
-        return torch.cat(out)
+        px, x_sq, x_lin = a.project(self.m_a, self.U, delta)  # (n, r), (n,), (n,)
+        py, y_sq, y_lin = b.project(self.m_b, self.U, delta)
+        px_sq, py_sq = px.square().sum(1), py.square().sum(1)
+        xMx = ((px @ self.K) * px).sum(1) + self.c * (x_sq - px_sq)
+        yMy = ((py @ self.K_inv) * py).sum(1) + (y_sq - py_sq) / self.c
+        # phi*(y) = m_a . (y - m_b) + y'^T M^-1 y' / 2 (conjugate of the quadratic above);
+        # x - y = x' - y' + delta
+        return x_sq + y_sq - xMx - yMy + delta.square().sum() + 2 * (x_lin - y_lin)
 
 
-def _mean64(x: torch.Tensor) -> torch.Tensor:
-    chunks = (x[lo:lo + _CHUNK].to(_work_dtype(x)).sum(0).double() for lo in range(0, x.shape[0], _CHUNK))
-    return sum(chunks) / x.shape[0]
-
-
-def _fit_potential(a: torch.Tensor, b: torch.Tensor, rank: int, generator: torch.Generator) -> _Potential:
-    """Fit the Gaussian optimal map from the law of ``a: (n, dim)`` to that of ``b``."""
-    m_a, m_b = _mean64(a), _mean64(b)
-    n, dim = a.shape
+def _fit_potential(a: _Rows, b: _Rows, rank: int, generator: torch.Generator) -> _Potential:
+    """Fit the Gaussian optimal map from the law of the rows ``a`` to that of ``b``."""
+    m_a, m_b = a.mean(), b.mean()
+    n, dim = a.x.shape
     if rank >= dim:
-        U = torch.eye(dim, dtype=torch.float64, device=a.device)
+        U = torch.eye(dim, dtype=torch.float64, device=a.x.device)
     else:
         # (2m, dim): the directions where either law has variance. m rows of each suffice to find
         # them (any subspace gives a valid bound; a good one a tight bound).
-        m = min(n, max(16 * rank, 1024))
-        pooled = torch.cat([a[:m].to(torch.float32) - m_a.float(), b[:m].to(torch.float32) - m_b.float()])
+        m = min(n, max(8 * rank, 512))
+        pooled = torch.cat([a.x[:m].float() - m_a.float(), b.x[:m].float() - m_b.float()])
         with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global generator
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-            _, _, V = torch.svd_lowrank(pooled, q=min(rank + 8, *pooled.shape), niter=2)
+            _, _, V = torch.svd_lowrank(pooled, q=min(rank + 8, *pooled.shape), niter=1)
         del pooled
         U, _ = torch.linalg.qr(V[:, :rank].double())  # (dim, r), orthonormal in float64
-    cov_a = torch.zeros(U.shape[1], U.shape[1], dtype=torch.float64, device=a.device)
-    cov_b = torch.zeros_like(cov_a)
-    res_a = res_b = 0.0
-    for lo in range(0, n, _CHUNK):
-        px, x_sq, _ = _project(a[lo:lo + _CHUNK], m_a, U)
-        py, y_sq, _ = _project(b[lo:lo + _CHUNK], m_b, U)
-        cov_a += px.T @ px
-        cov_b += py.T @ py
-        res_a += float(x_sq.sum() - px.square().sum())
-        res_b += float(y_sq.sum() - py.square().sum())
+    px, x_sq, _ = a.project(m_a, U, m_a - m_b)
+    py, y_sq, _ = b.project(m_b, U, m_a - m_b)
+    cov_a, cov_b = px.T @ px, py.T @ py
+    res_a = float(x_sq.sum() - px.square().sum())
+    res_b = float(y_sq.sum() - py.square().sum())
     K = K_inv = cov_a  # (0, 0) when no principal direction is fitted
     if U.shape[1] > 0:
         cov_a, cov_b = _ridge(cov_a / n), _ridge(cov_b / n)
@@ -329,10 +334,13 @@ def w2_lower_bound(
         raise ConfigError(f"w2_lower_bound: rank must be an int >= 0, got {rank!r}")
     rank = min(rank, dim)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    order = torch.randperm(n, generator=generator).to(a2.device)
-    halves = (order[: n // 2], order[n // 2:])
+    order = torch.randperm(n, generator=generator)
+    shift = b2[: min(n, 4096)].double().mean(0)  # any common point will do; near the data is best
+    rows = [_Rows.of(x, order[half], shift) for half in (slice(0, n // 2), slice(n // 2, n))
+            for x in (a2, b2)]  # a, b of the first half, then of the second
+    halves = ((rows[0], rows[1], order[: n // 2]), (rows[2], rows[3], order[n // 2:]))
     terms = torch.empty(n, dtype=torch.float64)
-    for fit, ev in (halves, halves[::-1]):
-        phi = _fit_potential(a2[fit], b2[fit], rank, generator)
-        terms[ev.cpu()] = phi.terms(a2[ev], b2[ev]).cpu() / dim
+    for (fit_a, fit_b, _), (ev_a, ev_b, ev_rows) in (halves, halves[::-1]):
+        phi = _fit_potential(fit_a, fit_b, rank, generator)
+        terms[ev_rows] = phi.terms(ev_a, ev_b).cpu() / dim
     return W2LowerBound(value=float(terms.mean()), terms=terms.numpy(), rank=rank)

@@ -180,7 +180,7 @@ def test_transport_monotone_map_is_optimal_and_reversal_is_not():
     z = torch.randn(300, 1, generator=_gen(7))
     assert transport_inefficiency(z, 3 * z - 1, n_boot=0).value == 0.0
     x = -z  # an anti-monotone map; the optimum in 1-D is the sorted matching
-    r = transport_inefficiency(z, x, n_boot=100)
+    r = transport_inefficiency(z, x, n_boot=100, dtype=torch.float64)  # float64 throughout
     e_model = float((x.double() - z.double()).square().mean())
     e_opt = float((x.double().sort(0).values - z.double().sort(0).values).square().mean())
     assert r.value == pytest.approx((e_model - e_opt) / e_opt, rel=1e-10)
@@ -493,7 +493,9 @@ def test_float32_products_and_both_solvers_give_the_float64_value():
             r = pairing_inefficiency(s, t, n_boot=0, assignment=solver)  # float32 products
             assert r.e_opt == pytest.approx(ref.e_opt, rel=1e-6)
             assert r.delta_e == pytest.approx(ref.delta_e, rel=1e-6, abs=1e-9)
-            assert r.e_pair == ref.e_pair and r.e_ind == pytest.approx(ref.e_ind, rel=1e-12)
+            # float32 differences, float64 sums: the documented 1e-6 (in fact about 1e-8)
+            assert r.e_pair == pytest.approx(ref.e_pair, rel=1e-6)
+            assert r.e_ind == pytest.approx(ref.e_ind, rel=1e-6)
 
 
 def test_a_wrong_solver_is_caught():
