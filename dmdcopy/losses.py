@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dmdcopy._checks import check_x_sigma
+from dmdcopy.contracts import broadcast, denoise
 from dmdcopy.errors import ConfigError, ShapeError
 from dmdcopy.schedules import karras_weight
 
@@ -58,11 +59,6 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor, names: str, where: str) -> Non
     if a.shape != b.shape:
         raise ShapeError(f"{where}: {names} must have the same shape, got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
-
-
-def _bview(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``(B,) -> (B, 1, ..., 1)`` to broadcast over ``like: (B, ...)``."""
-    return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def dsm_loss(
@@ -115,7 +111,7 @@ def dmd_direction(
     _same_shape(x, fake_denoised, "x and fake_denoised", "dmd_direction")
     x, real, fake = _acc(x.detach()), _acc(real_denoised.detach()), _acc(fake_denoised.detach())
     w = _per_sample_mean((x - real).abs()).clamp(min=min_normaliser)  # (B,) per-sample normaliser
-    g = (fake - real) / _bview(w, x)
+    g = (fake - real) / broadcast(w, x)
     return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -144,10 +140,9 @@ def dmd_gradient(
     check_x_sigma(x, sigma, "dmd_gradient")
     _same_shape(x, noise, "x and noise", "dmd_gradient")
     x = x.detach()
-    x_t = x + _bview(sigma.to(x.dtype), x) * noise.to(x.dtype)
-    kwargs = {} if class_labels is None else {"class_labels": class_labels}
-    real_x0 = real(x_t, sigma, **kwargs)
-    fake_x0 = fake(x_t, sigma, **kwargs)
+    x_t = x + broadcast(sigma.to(x.dtype), x) * noise.to(x.dtype)
+    real_x0 = denoise(real, x_t, sigma, class_labels)
+    fake_x0 = denoise(fake, x_t, sigma, class_labels)
     return dmd_direction(x, real_x0, fake_x0, min_normaliser=min_normaliser)
 
 

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dmdcopy import contracts
+from dmdcopy.contracts import dist_rank_world, generate
 from dmdcopy.errors import ConfigError, ShapeError
 from dmdcopy.metrics import (
     PairingInefficiency,
@@ -50,7 +52,6 @@ from dmdcopy.pairs import (
     teacher_fingerprint,
 )
 from dmdcopy.samplers import heun, teacher_ode
-from dmdcopy.students import call_student
 
 __all__ = ["DeltaEReport", "TeacherSamples", "delta_e", "measure_student", "teacher_samples"]
 
@@ -168,12 +169,6 @@ def _module_device(m: Any, default: torch.device | str = "cpu") -> torch.device:
         for t in itertools.chain(m.parameters(), m.buffers()):
             return t.device
     return torch.device(default)
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _share(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -304,15 +299,15 @@ def teacher_samples(
                            check_settings=False)
 
     if sample_shape is None:
-        sample_shape = getattr(teacher, "sample_shape", None)
+        sample_shape = contracts.sample_shape(teacher)
         if sample_shape is None:
             raise ConfigError(f"{where}: pass sample_shape= (the teacher has no sample_shape)")
     shape = tuple(int(s) for s in sample_shape)
     grid = default_sigmas(teacher) if sigmas is None else _grid(sigmas)
     solver = solver or heun
-    label_dim = int(getattr(teacher, "label_dim", 0) or 0)
+    label_dim = contracts.label_dim(teacher)
     n = len(seed_list)
-    rank, world = _dist()
+    rank, world = dist_rank_world()
     lo, hi = _share(n, rank, world)
     mine = seed_list[lo:hi]
     xs = [torch.empty((0, *shape), device=device)]
@@ -344,7 +339,7 @@ def teacher_samples(
 
 
 def _check_student(student: Any, teacher: TeacherSamples) -> None:
-    shape = getattr(student, "sample_shape", None)
+    shape = contracts.sample_shape(student)
     if shape is not None and tuple(shape) != tuple(teacher.x.shape[1:]):
         raise ShapeError(f"measure_student: the student makes samples of shape {tuple(shape)}, the teacher's "
                          f"are {tuple(teacher.x.shape[1:])}")
@@ -371,7 +366,7 @@ def _student_samples(
             e = min(b + batch, hi)
             z = teacher.z[b:e].to(device)
             y = teacher.labels[b:e].to(device) if teacher.labels is not None else None
-            x = call_student(student, z, y)
+            x = generate(student, z, y)
             if not isinstance(x, Tensor) or tuple(x.shape) != tuple(z.shape):
                 raise ShapeError(f"measure_student: the student mapped z of shape {tuple(z.shape)} to "
                                  f"{_shape(x)}; expected the same shape")
@@ -429,7 +424,7 @@ def measure_student(
     _positive_int(batch, "batch", where)
     _check_student(student, teacher)
     n = len(teacher)
-    rank, world = _dist()
+    rank, world = dist_rank_world()
     lo, hi = _share(n, rank, world)
     x_mine = _student_samples(student, teacher, lo, hi, batch, progress)  # (hi - lo, ...)
     bad = torch.tensor([int((~torch.isfinite(x_mine).flatten(1).all(dim=1)).sum())], device=x_mine.device)

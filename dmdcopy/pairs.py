@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -33,11 +32,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dmdcopy import contracts
 from dmdcopy._atomic import write_atomic
+from dmdcopy.contracts import default_grid, dist_rank_world
 from dmdcopy.errors import CheckpointError, ConfigError, ShapeError
 from dmdcopy.noise import labels_for_seeds, noise_for_seeds
 from dmdcopy.samplers import heun, teacher_ode
-from dmdcopy.schedules import karras_sigmas
 
 __all__ = ["PairStore", "default_sigmas", "generate_pairs", "teacher_fingerprint"]
 
@@ -76,11 +76,10 @@ def teacher_fingerprint(D: nn.Module) -> str:
 
 
 def default_sigmas(D: Any) -> torch.Tensor:
-    """The grid :func:`dmdcopy.samplers.teacher_ode` uses by default: ``karras_sigmas(18)``
-    between ``max(0.002, D.sigma_min)`` and ``min(80, D.sigma_max)``; float64 ``(19,)``."""
-    sigma_min = max(0.002, float(getattr(D, "sigma_min", 0.0)))
-    sigma_max = min(80.0, float(getattr(D, "sigma_max", math.inf)))
-    return karras_sigmas(18, sigma_min, sigma_max)
+    """The grid :func:`dmdcopy.samplers.teacher_ode` uses by default
+    (:func:`dmdcopy.contracts.default_grid`: Karras-18 in EDM's range clamped to ``D``'s); float64
+    ``(19,)``."""
+    return default_grid(D)
 
 
 def _solver_name(solver: Callable) -> str:
@@ -114,14 +113,8 @@ def _settings_sha(manifest: dict) -> str:
     return _sha(json.dumps(core, sort_keys=True))
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _barrier() -> None:
-    if _dist()[1] > 1:
+    if dist_rank_world()[1] > 1:
         torch.distributed.barrier()
 
 
@@ -402,7 +395,7 @@ def generate_pairs(
     if len(set(seed_list)) != len(seed_list) or min(seed_list) < 0:
         raise ConfigError("generate_pairs: seeds must be distinct non-negative integers")
     if sample_shape is None:
-        sample_shape = getattr(D, "sample_shape", None)
+        sample_shape = contracts.sample_shape(D)
         if sample_shape is None:
             raise ConfigError("generate_pairs: pass sample_shape= (the teacher has no sample_shape)")
     sample_shape = tuple(int(s) for s in sample_shape)
@@ -415,7 +408,7 @@ def generate_pairs(
 
     n = len(seed_list)
     if num_classes is None:
-        num_classes = int(getattr(D, "label_dim", 0))
+        num_classes = contracts.label_dim(D)
     if class_labels is not None:
         labels_all = torch.as_tensor(class_labels).cpu()
         if labels_all.shape != (n,) or labels_all.is_floating_point():
@@ -452,7 +445,7 @@ def generate_pairs(
 
     out = Path(out_dir)
     path = out / MANIFEST
-    rank, world = _dist()
+    rank, world = dist_rank_world()
     needed: list[int] | None = None  # shards a subset request needs (None: every shard)
     if path.is_file():
         old_store = PairStore(out)

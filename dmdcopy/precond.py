@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dmdcopy._checks import check_labels, check_sample_shape, check_x_sigma
+from dmdcopy.contracts import broadcast
 from dmdcopy.schedules import vp_sigma_inv
 
 __all__ = ["EDMPrecond", "Precond", "VEPrecond", "VPPrecond"]
@@ -72,13 +73,12 @@ class Precond(nn.Module):
         labels = check_labels(class_labels, x.shape[0], self.label_dim, name)
         sigma = sigma.to(x.dtype)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        view = (-1,) + (1,) * (x.ndim - 1)  # (B,) -> (B, 1, ..., 1) to broadcast over x
         net_dtype = self.net_dtype or x.dtype
-        x_in = (c_in.view(view) * x).to(net_dtype)
+        x_in = (broadcast(c_in, x) * x).to(net_dtype)
         if labels is not None:
             labels = labels.to(net_dtype)
         F_x = self.model(x_in, c_noise.to(net_dtype), class_labels=labels)
-        return c_skip.view(view) * x + c_out.view(view) * F_x.to(x.dtype)
+        return broadcast(c_skip, x) * x + broadcast(c_out, x) * F_x.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"label_dim={self.label_dim}, sample_shape={self.sample_shape}"

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dmdcopy.contracts import default_grid, denoise
 from dmdcopy.errors import ConfigError, ShapeError
-from dmdcopy.schedules import karras_sigmas
 
 __all__ = ["Denoiser", "dpmpp_2m", "edm_stochastic", "euler", "heun", "teacher_ode"]
 
@@ -70,7 +70,7 @@ def _check_inputs(x: Tensor, sigmas: Tensor | Sequence[float], where: str) -> li
 
 def _denoise(D: Denoiser, x: Tensor, sigma: float, class_labels: Tensor | None) -> Tensor:
     s = torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype)
-    out = D(x, s) if class_labels is None else D(x, s, class_labels=class_labels)
+    out = denoise(D, x, s, class_labels)
     if out.shape != x.shape:
         raise ShapeError(f"denoiser returned shape {tuple(out.shape)}, expected the shape of x "
                          f"{tuple(x.shape)}")
@@ -273,8 +273,6 @@ def teacher_ode(
     0.0
     """
     if sigmas is None:
-        sigma_min = max(0.002, float(getattr(D, "sigma_min", 0.0)))
-        sigma_max = min(80.0, float(getattr(D, "sigma_max", math.inf)))
-        sigmas = karras_sigmas(18, sigma_min, sigma_max)
+        sigmas = default_grid(D)
     grid = _check_inputs(z, sigmas, "teacher_ode")
     return solver(D, z * grid[0], grid, class_labels=class_labels, callback=callback)

@@ -25,6 +25,7 @@ from torch import nn
 
 from dmdcopy import _rng
 from dmdcopy._checks import check_sample_shape
+from dmdcopy.contracts import denoise, generate
 from dmdcopy.errors import ConfigError, ShapeError
 
 __all__ = ["MultiStepStudent", "OneStepStudent", "call_denoiser", "call_student", "student_noise"]
@@ -32,18 +33,10 @@ __all__ = ["MultiStepStudent", "OneStepStudent", "call_denoiser", "call_student"
 _DEFAULT_SIGMA_MAX = 80.0
 
 
-def call_denoiser(
-    D: nn.Module, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``D(x, sigma)``, passing ``class_labels=`` only when there are labels (any denoiser works)."""
-    return D(x, sigma) if class_labels is None else D(x, sigma, class_labels=class_labels)
-
-
-def call_student(
-    G: nn.Module, z: torch.Tensor, class_labels: torch.Tensor | None = None, **kwargs
-) -> torch.Tensor:
-    """``G(z)``, passing ``class_labels=`` only when there are labels (any student works)."""
-    return G(z, **kwargs) if class_labels is None else G(z, class_labels=class_labels, **kwargs)
+# The contract's label rule under the names the distiller has used (one implementation:
+# dmdcopy.contracts).
+call_denoiser = denoise
+call_student = generate
 
 
 def _default_sigma_max(denoiser: nn.Module, sigma_max: float | None) -> float:
@@ -85,7 +78,7 @@ class OneStepStudent(nn.Module):
         """``z: (B, ...)`` standard normal -> ``x: (B, ...)``."""
         check_sample_shape(z, self.sample_shape, "OneStepStudent")
         sigma = torch.full((z.shape[0],), self.sigma_max, device=z.device, dtype=z.dtype)
-        return call_denoiser(self.denoiser, self.sigma_max * z, sigma, class_labels)
+        return denoise(self.denoiser, self.sigma_max * z, sigma, class_labels)
 
     def extra_repr(self) -> str:
         return f"sigma_max={self.sigma_max}"
@@ -183,9 +176,9 @@ class MultiStepStudent(nn.Module):
         for j in range(last):
             # Backward simulation: the earlier steps only make the input; no gradient through them.
             with torch.no_grad() if train_step is not None else contextlib.nullcontext():
-                x0 = call_denoiser(self.denoiser, x, sigma_of(j), class_labels)
+                x0 = denoise(self.denoiser, x, sigma_of(j), class_labels)
             x = x0 + self.sigmas[j + 1] * noise[j]
-        return call_denoiser(self.denoiser, x, sigma_of(last), class_labels)
+        return denoise(self.denoiser, x, sigma_of(last), class_labels)
 
     def extra_repr(self) -> str:
         return f"sigmas={self.sigmas}"

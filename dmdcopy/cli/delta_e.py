@@ -156,6 +156,8 @@ def _student_generator(student: nn.Module, sigma: float | None, path: str) -> nn
 
 
 def _sample_shape(teacher: nn.Module, student: nn.Module, args) -> tuple[int, ...]:
+    from dmdcopy import contracts
+
     if args.sample_shape is not None:
         try:
             shape = tuple(int(s) for s in args.sample_shape.split(","))
@@ -165,16 +167,16 @@ def _sample_shape(teacher: nn.Module, student: nn.Module, args) -> tuple[int, ..
         if not shape or min(shape) < 1:
             raise ConfigError(f"--sample-shape {args.sample_shape!r}: expected positive integers")
     else:
-        shape = getattr(teacher, "sample_shape", None)
+        shape = contracts.sample_shape(teacher)
         if shape is None:
             raise CheckpointError(f"--teacher {args.teacher}: the model does not record its sample shape; "
                                   "pass --sample-shape")
         shape = tuple(shape)
-    s_shape = getattr(student, "sample_shape", None)
+    s_shape = contracts.sample_shape(student)
     if s_shape is not None and tuple(s_shape) != shape:
         raise CheckpointError(f"mismatched checkpoints: teacher samples have shape {shape}, "
                               f"student samples {tuple(s_shape)}")
-    t_labels = int(getattr(teacher, "label_dim", 0) or 0)
+    t_labels = contracts.label_dim(teacher)
     s_labels = getattr(student, "label_dim", None)
     if s_labels is not None and int(s_labels) != t_labels:
         raise CheckpointError(f"mismatched checkpoints: teacher has label_dim={t_labels}, "
@@ -183,15 +185,11 @@ def _sample_shape(teacher: nn.Module, student: nn.Module, args) -> tuple[int, ..
 
 
 def _grid(teacher: nn.Module, args) -> torch.Tensor:
-    from dmdcopy.schedules import karras_sigmas
+    from dmdcopy.contracts import default_grid
 
-    sigma_min = args.sigma_min if args.sigma_min is not None else max(
-        0.002, float(getattr(teacher, "sigma_min", 0.0)))
-    sigma_max = args.sigma_max if args.sigma_max is not None else min(
-        80.0, float(getattr(teacher, "sigma_max", math.inf)))
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    return karras_sigmas(args.steps, sigma_min, sigma_max, args.rho)
+    return default_grid(teacher, args.steps, rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max)
 
 
 # What each stage of dmdcopy.delta_e's progress(stage, done, total) is called on screen.

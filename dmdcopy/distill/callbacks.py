@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from dmdcopy import contracts
 from dmdcopy.distill.dist import dist_info
 from dmdcopy.errors import ConfigError
 from dmdcopy.measure import DeltaEReport, TeacherSamples, measure_student, teacher_samples
@@ -101,7 +102,7 @@ class DeltaECallback:
         """The teacher's samples of the callback's seeds, made on first use and cached."""
         if self._teacher is None:
             teacher = distiller.teacher
-            shape = getattr(distiller, "sample_shape", None) or getattr(teacher, "sample_shape", None)
+            shape = contracts.sample_shape(distiller) or contracts.sample_shape(teacher)
             if shape is None and self.pairs is None:
                 raise ConfigError("DeltaECallback: the sample shape is unknown; pass pairs=")
             device = torch.device(getattr(distiller, "device", "cpu"))
