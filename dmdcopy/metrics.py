@@ -64,6 +64,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from dmdcopy._json import json_safe
 from dmdcopy.assignment import (
     Progress,
     _block_bounds,
@@ -204,17 +205,6 @@ def _ends(p, o, i, lower_w2):
 # Results
 
 
-def _json_ready(d: dict) -> dict:
-    def fix(v):
-        if isinstance(v, float) and not math.isfinite(v):  # JSON has no NaN or inf
-            return None
-        if isinstance(v, (tuple, list)):
-            return [fix(u) for u in v]
-        return v
-
-    return {k: fix(v) for k, v in d.items()}
-
-
 @dataclass(frozen=True)
 class PairingResult:
     """Delta E with everything needed to report it.
@@ -266,7 +256,7 @@ class PairingResult:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (floats, ints, strings, lists); NaN or inf becomes ``None`` (JSON null)."""
-        return _json_ready(asdict(self))
+        return json_safe(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -294,7 +284,7 @@ class TransportResult:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; NaN or inf becomes ``None`` (JSON null)."""
-        return _json_ready(asdict(self))
+        return json_safe(asdict(self))
 
 
 # ----------------------------------------------------------------------------------------------

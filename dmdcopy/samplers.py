@@ -36,7 +36,7 @@ __all__ = ["Denoiser", "dpmpp_2m", "edm_stochastic", "euler", "heun", "teacher_o
 Denoiser = Callable[..., Tensor]
 """``D(x, sigma, class_labels=None) -> x0_hat`` with ``x: (B, ...)`` and ``sigma: (B,)``."""
 
-Callback = Callable[[dict[str, Any]], Any]
+StepCallback = Callable[[dict[str, Any]], Any]
 Generators = torch.Generator | Sequence[torch.Generator]
 
 
@@ -96,7 +96,7 @@ def euler(
     sigmas: Tensor | Sequence[float],
     *,
     class_labels: Tensor | None = None,
-    callback: Callback | None = None,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """Euler's method on the probability-flow ODE: one denoiser call per step.
 
@@ -128,7 +128,7 @@ def heun(
     sigmas: Tensor | Sequence[float],
     *,
     class_labels: Tensor | None = None,
-    callback: Callback | None = None,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """Heun's 2nd-order method, EDM Algorithm 1: ``2N - 1`` denoiser calls for N steps.
 
@@ -169,7 +169,7 @@ def edm_stochastic(
     sigmas: Tensor | Sequence[float],
     *,
     class_labels: Tensor | None = None,
-    callback: Callback | None = None,
+    callback: StepCallback | None = None,
     S_churn: float = 0.0,
     S_min: float = 0.0,
     S_max: float = float("inf"),
@@ -218,7 +218,7 @@ def dpmpp_2m(
     sigmas: Tensor | Sequence[float],
     *,
     class_labels: Tensor | None = None,
-    callback: Callback | None = None,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), multistep 2nd order, one denoiser call per step.
 
@@ -253,7 +253,7 @@ def teacher_ode(
     solver: Callable[..., Tensor] = heun,
     *,
     class_labels: Tensor | None = None,
-    callback: Callback | None = None,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """The teacher's deterministic map ``z -> T(z)``: the probability-flow ODE from ``sigmas[0] z``.
 
