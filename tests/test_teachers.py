@@ -303,3 +303,23 @@ def test_teachers_move_with_to():
     E = EmpiricalTeacher(torch.randn(5, 2))
     assert "data" in {n for n, _ in E.named_buffers()}
     assert "data" not in E.state_dict()  # rebuilt from the data, not saved
+
+
+def test_mixture_log_posterior_is_bayes_rule_in_closed_form():
+    # p(k | x) at noise sigma is w_k N(x; m_k, s_k^2 + sigma^2) normalised over k (per coordinate).
+    from dmdcopy.teachers import GaussianMixtureTeacher
+
+    means = torch.tensor([[-1.0, 0.0], [2.0, 1.0], [0.5, -2.0]])
+    stds = torch.tensor([0.3, 0.8, 0.5])
+    weights = torch.tensor([0.2, 0.5, 0.3])
+    T = GaussianMixtureTeacher(means, stds, weights)
+    x = torch.randn(7, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    sigma = torch.tensor([0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 80.0], dtype=torch.float64)
+    var = stds.double()[None, :] ** 2 + sigma[:, None] ** 2  # (B, K)
+    sq = (x[:, None, :] - means.double()[None]).square().sum(2)  # (B, K)
+    log_joint = weights.double().log() - 0.5 * sq / var - var.log()  # d = 2: -d/2 log var
+    expected = log_joint - log_joint.logsumexp(1, keepdim=True)
+    got = T.log_posterior(x.float(), sigma.float())
+    assert got.shape == (7, 3) and got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.exp().sum(1), torch.ones(7, dtype=torch.float64))

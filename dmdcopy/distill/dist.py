@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dmdcopy.contracts import dist_rank_world
+
 __all__ = ["DistInfo", "all_reduce_mean", "all_true", "dist_info", "init_from_env", "wrap_ddp"]
 
 
@@ -22,7 +24,7 @@ __all__ = ["DistInfo", "all_reduce_mean", "all_true", "dist_info", "init_from_en
 class DistInfo:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
+    local_rank: int = 0  # index of this process's CUDA device on its node
 
     @property
     def is_main(self) -> bool:
@@ -34,11 +36,12 @@ class DistInfo:
 
 
 def dist_info() -> DistInfo:
-    """Rank and world size of the default process group (``DistInfo()`` when there is none)."""
-    if dist.is_available() and dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
-    return DistInfo()
+    """Rank, world size and local rank (torchrun's ``LOCAL_RANK``, the CUDA device index) of this
+    process (``DistInfo()`` without a process group)."""
+    rank, world = dist_rank_world()
+    if world == 1 and not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
 
 
 def init_from_env(backend: str | None = None) -> DistInfo:
