@@ -1,13 +1,15 @@
-"""Atomic file writes: a crash leaves either the old file or the complete new one, never a part."""
+"""Atomic file writes (a crash leaves either the old file or the complete new one, never a part),
+and an exclusive advisory lock for a directory that several processes may write."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["locked", "write_atomic"]
 
 
 def _umask() -> int:
@@ -46,3 +48,26 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block.
+
+    The kernel releases the lock when its process dies, so a killed writer never leaves a stale
+    lock. ``flock`` is advisory (only writers that take it are serialised) and may not be honoured
+    by some network file systems; where the platform has no ``fcntl`` (Windows) this is a no-op.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

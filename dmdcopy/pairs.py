@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dmdcopy import contracts
-from dmdcopy._atomic import write_atomic
+from dmdcopy._atomic import locked, write_atomic
 from dmdcopy.contracts import default_grid, dist_rank_world
 from dmdcopy.errors import CheckpointError, ConfigError, ShapeError
 from dmdcopy.noise import labels_for_seeds, noise_for_seeds
@@ -43,6 +43,7 @@ __all__ = ["PairStore", "default_sigmas", "generate_pairs", "teacher_fingerprint
 
 FORMAT = "dmdcopy.pairs/1"
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # the writers' advisory lock (dmdcopy._atomic.locked)
 # Settings recorded for information only: they do not change a pair, so they may differ on reuse.
 _INFO_KEY = "info"
 
@@ -116,6 +117,18 @@ def _settings_sha(manifest: dict) -> str:
 def _barrier() -> None:
     if dist_rank_world()[1] > 1:
         torch.distributed.barrier()
+
+
+def _check_still_ours(out: Path, own_sha: str) -> None:
+    """Raise unless the manifest on disk still has the settings (hash) this writer computes for."""
+    try:
+        on_disk = _settings_sha(json.loads((out / MANIFEST).read_text()))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{out}: the pair store's manifest vanished or broke while this writer "
+                              f"ran ({type(e).__name__}); nothing more was written") from e
+    if on_disk != own_sha:
+        raise ConfigError(f"{out}: another writer replaced this pair store's settings while this one "
+                          "ran; nothing more was written (use one directory per teacher and settings)")
 
 
 def _diff(old: dict, new: dict) -> list[str]:
@@ -447,21 +460,33 @@ def generate_pairs(
     path = out / MANIFEST
     rank, world = dist_rank_world()
     needed: list[int] | None = None  # shards a subset request needs (None: every shard)
-    if path.is_file():
-        old_store = PairStore(out)
-        diffs = _diff(old_store.manifest, manifest)
-        if diffs:
-            needed = _subset_shards(old_store, manifest, seed_list,
-                                    labels_all if class_labels is not None else None)
-            if needed is None:
-                raise ConfigError(f"{out}: this pair cache was made with other settings ("
-                                  + "; ".join(diffs) + "); use another directory or delete this one")
-    elif rank == 0:
+    # Two writers may start on one directory at once: the check-or-create of the manifest, and
+    # every shard write below, hold the directory's lock, and each shard is written only while the
+    # manifest on disk still carries this writer's settings.
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a directory; give the pair store a directory")
+    try:
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot create the pair store directory ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"{out}: the pair store directory is not writable")
+    with locked(out / LOCK):
+        if path.is_file():
+            old_store = PairStore(out)
+            diffs = _diff(old_store.manifest, manifest)
+            if diffs:
+                needed = _subset_shards(old_store, manifest, seed_list,
+                                        labels_all if class_labels is not None else None)
+                if needed is None:
+                    raise ConfigError(f"{out}: this pair cache was made with other settings ("
+                                      + "; ".join(diffs) + "); use another directory or delete this one")
+        elif rank == 0:
+            write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     _barrier()
 
     store = PairStore(out)
+    own_sha = store.settings_sha  # the settings this writer's shards are made with
     if needed is None:
         needed = list(range(store.num_shards))
         shard_labels = None if labels_all is None else (
@@ -502,7 +527,10 @@ def generate_pairs(
                 tensors["labels"] = labels_k.clone()
             if store_noise:
                 tensors["noise"] = torch.cat(zs).contiguous()
-            meta = {"settings": store.settings_sha, "shard": str(k)}
-            write_atomic(store.shard_path(k), lambda tmp, t=tensors, m=meta: save_file(t, tmp, metadata=m))
+            meta = {"settings": own_sha, "shard": str(k)}
+            with locked(out / LOCK):
+                _check_still_ours(out, own_sha)
+                write_atomic(store.shard_path(k),
+                             lambda tmp, t=tensors, m=meta: save_file(t, tmp, metadata=m))
     _barrier()
     return store

@@ -286,3 +286,55 @@ def test_ranks_split_the_shards(tmp_path):
     assert rows[0] == rows[1] > 0  # 3 shards each
     single = generate_pairs(_teacher(), range(30), tmp_path / "one", sigmas=GRID, batch=5, shard_size=5)
     assert torch.equal(PairStore(tmp_path / "dist").load()[1], single.load()[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Two writers on one directory
+
+
+def _racer(rank: int, directory: str, barrier, results) -> None:
+    torch.set_num_threads(1)
+    teacher = GaussianTeacher(torch.full((3,), 5.0 * rank), torch.eye(3) * (1 + rank))  # two teachers
+    barrier.wait()
+    try:
+        generate_pairs(teacher, range(48), directory, sigmas=GRID, batch=4, shard_size=4)
+        results[rank] = "ok"
+    except ConfigError as e:
+        results[rank] = f"refused: {e}"
+
+
+@pytest.mark.slow
+def test_two_writers_with_different_teachers_never_mix_their_pairs(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    teachers = {teacher_fingerprint(GaussianTeacher(torch.full((3,), 5.0 * r), torch.eye(3) * (1 + r))): r
+                for r in range(2)}
+    wrong = 0
+    for trial in range(20):
+        directory = tmp_path / f"race{trial}"
+        barrier, results = ctx.Barrier(2), ctx.Manager().dict()
+        procs = [ctx.Process(target=_racer, args=(r, str(directory), barrier, results)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        outcome = dict(results)
+        assert sorted(v.split(":")[0] for v in outcome.values()) == ["ok", "refused"], outcome
+        store = PairStore(directory)
+        winner = teachers[store.manifest["teacher"]]
+        assert outcome[winner] == "ok"
+        T = GaussianTeacher(torch.full((3,), 5.0 * winner), torch.eye(3) * (1 + winner))
+        seeds, x, _ = store.load()
+        expected = teacher_ode(T, noise_for_seeds(seeds.tolist(), (3,)), GRID, heun)
+        wrong += int((~torch.isclose(x, expected, rtol=1e-5, atol=1e-5).all(dim=1)).sum())
+    assert wrong == 0
+
+
+def test_a_file_or_unwritable_place_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ConfigError, match="not a directory"):
+        generate_pairs(_teacher(), range(4), tmp_path / "file", sigmas=GRID)
+    with pytest.raises(ConfigError, match="cannot create"):
+        generate_pairs(_teacher(), range(4), tmp_path / "file" / "below", sigmas=GRID)
