@@ -86,13 +86,18 @@ def labels_for_seeds(
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
-def parse_seeds(spec: str) -> list[int]:
-    """Parse ``"0-9999"``, ``"1,5,9"`` or ``"0-9,100-109"`` (ranges include both ends).
+# More seeds than this in one spec is a typo (a list of 10^7 ints is already 300 MB of Python).
+MAX_SEEDS = 10_000_000
+
+
+def parse_seeds(spec: str, *, limit: int = MAX_SEEDS) -> list[int]:
+    """Parse ``"0-9999"``, ``"1,5,9"`` or ``"0-9,100-109"`` (ranges include both ends); at most
+    ``limit`` seeds, checked before any list is built.
 
     >>> parse_seeds("0-3,10")
     [0, 1, 2, 3, 10]
     """
-    seeds: list[int] = []
+    ranges: list[tuple[int, int]] = []
     for part in spec.split(","):
         m = _RANGE.match(part)
         if m is None:
@@ -101,8 +106,11 @@ def parse_seeds(spec: str) -> list[int]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise ConfigError(f"seed range {part!r} ends before it starts")
-        seeds.extend(range(lo, hi + 1))
-    return seeds
+        ranges.append((lo, hi))
+    count = sum(hi - lo + 1 for lo, hi in ranges)
+    if count > limit:
+        raise ConfigError(f"seeds {spec!r} give {count} seeds, more than {limit}; did you mean fewer?")
+    return [s for lo, hi in ranges for s in range(lo, hi + 1)]
 
 
 def split_seeds(seeds: Sequence[int], rank: int, world_size: int) -> list[int]:

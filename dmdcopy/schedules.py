@@ -7,6 +7,7 @@ grid differ in the fourth significant digit and ODE error analysis needs them ex
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -74,6 +75,8 @@ def karras_sigmas(
     """
     n = _check_n(n)
     _check_range(sigma_min, sigma_max)
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise ConfigError(f"karras_sigmas: rho must be a positive number, got {rho!r}")
     if n == 1:
         return torch.tensor([sigma_max, 0.0], device=device, dtype=dtype)
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)

@@ -363,3 +363,18 @@ def test_callback_writes_to_distiller_log(tmp_path):
     curve = [(r["step"], r["delta_e"]) for r in records if "delta_e" in r]
     assert [s for s, _ in curve] == [2, 4]
     assert all(v >= 0 for _, v in curve)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0-2000000000"], "more than"),
+    (["--rho", "0"], "--rho must be > 0"),
+    (["--out", "{tmp}"], "is a directory"),
+    (["--out", "{tmp}/file.json/report.json"], "is a file, not a directory"),
+])
+def test_bad_sizes_and_targets_are_one_line_before_any_work(tmp_path, capsys, args, message):
+    (tmp_path / "file.json").write_text("{}")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    rc = main(["delta-e", "--teacher", str(tmp_path / "missing-teacher.safetensors"),
+               "--student", str(tmp_path / "missing-student.safetensors"), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and message in err and len(err.splitlines()) == 1, err

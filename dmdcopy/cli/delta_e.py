@@ -26,6 +26,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -293,6 +294,19 @@ def _table(report, seconds: float) -> list[tuple[str, str]]:
     return rows
 
 
+def _check_writable_file(name: str, flag: str) -> None:
+    """Refuse, before any work, an output path whose file could not be written at the end."""
+    path = Path(name)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {name}: is a directory; give a file name such as report.json")
+    parent = path.parent if str(path.parent) else Path(".")
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {name}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{flag} {name}: not writable")
+
+
 def run(args) -> int:
     from dmdcopy.measure import delta_e
     from dmdcopy.noise import parse_seeds
@@ -304,6 +318,11 @@ def run(args) -> int:
         raise ConfigError(f"--seeds {args.seeds!r}: Delta E needs at least 2 seeds")
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+    if args.out:
+        _check_writable_file(args.out, "--out")
+    grid_args_ok = args.rho > 0 and (args.sigma_min is None or args.sigma_min >= 0)
+    if not grid_args_ok:
+        raise ConfigError(f"--rho must be > 0 and --sigma-min >= 0, got {args.rho} and {args.sigma_min}")
     teacher = _load(args.teacher, "teacher", args.teacher_arch, args.teacher_kwargs, device)
     if not _is_denoiser(teacher):
         raise CheckpointError(f"--teacher {args.teacher}: holds a {type(teacher).__name__}, not a denoiser "
