@@ -12,7 +12,7 @@ from dmdcopy.errors import DmdcopyError
 __all__ = ["main"]
 
 # Subcommand modules, in the order `dmdcopy --help` lists them.
-_SUBCOMMANDS: list[str] = ["delta_e", "demo", "convert", "distill"]
+_SUBCOMMANDS: list[str] = ["delta_e", "demo", "convert", "distill", "plot", "sample"]
 
 
 def build_parser() -> argparse.ArgumentParser:
