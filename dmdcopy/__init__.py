@@ -2,14 +2,14 @@
 
 The layers, bottom to top: ``schedules``, ``noise`` -> ``precond``, ``samplers``, ``teachers``,
 ``nets``, ``losses``, ``metrics`` -> ``students``, ``pairs``, ``io`` -> ``measure`` ->
-``distill``, ``data``, ``experiments`` -> ``cli``.
+``distill``, ``data``, ``experiments`` -> ``cli``. ``dmdcopy.experiments`` is imported on first
+access, not by ``import dmdcopy``.
 """
 
 from dmdcopy import (
     data,
     distill,
     errors,
-    experiments,
     io,
     losses,
     measure,
@@ -35,7 +35,7 @@ from dmdcopy.metrics import (
     pairing_inefficiency,
     transport_inefficiency,
 )
-from dmdcopy.nets import MLP, DhariwalUNet, SongUNet
+from dmdcopy.nets import MLP, DhariwalUNet, ImageMLP, SongUNet
 from dmdcopy.noise import labels_for_seeds, noise_for_seeds, parse_seeds
 from dmdcopy.pairs import PairStore, generate_pairs
 from dmdcopy.precond import EDMPrecond, Precond, VEPrecond, VPPrecond
@@ -45,6 +45,21 @@ from dmdcopy.students import MultiStepStudent, OneStepStudent
 from dmdcopy.teachers import EmpiricalTeacher, GaussianMixtureTeacher, GaussianTeacher
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``dmdcopy.experiments`` (studies, tables, figures) is imported on first use, so that
+    # ``import dmdcopy`` stays light; its plotting and data extras load later still.
+    if name == "experiments":
+        import importlib
+
+        return importlib.import_module("dmdcopy.experiments")
+    raise AttributeError(f"module 'dmdcopy' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"experiments"})
+
 
 __all__ = [
     "MLP",
@@ -60,6 +75,7 @@ __all__ = [
     "EmpiricalTeacher",
     "GaussianMixtureTeacher",
     "GaussianTeacher",
+    "ImageMLP",
     "MultiStepStudent",
     "NonFiniteError",
     "OneStepStudent",

@@ -23,14 +23,7 @@ from dmdcopy.nets import MLP
 from dmdcopy.precond import EDMPrecond
 from dmdcopy.students import OneStepStudent
 from dmdcopy.teachers import GaussianMixtureTeacher
-
-
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256) -> float:
-    """Root-mean-square 1-D Wasserstein-2 distance over random directions (equal sample counts)."""
-    theta = torch.randn(a.shape[1], n_proj, generator=torch.Generator().manual_seed(0))
-    theta = theta / theta.norm(dim=0)
-    pa, pb = (a @ theta).sort(0).values, (b @ theta).sort(0).values
-    return ((pa - pb) ** 2).mean().sqrt().item()
+from dmdcopy.w2 import sliced_wasserstein
 
 
 def main() -> None:
@@ -54,7 +47,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     reference, z = teacher.sample(4000, generator=gen), torch.randn(4000, 2, generator=gen)
     with torch.no_grad():
-        before = sliced_wasserstein(student(z), reference)
+        before = sliced_wasserstein(student(z), reference, generator=torch.Generator().manual_seed(0))
 
     distiller = Distiller(teacher, student, fake_score=fake_score, config=config, out_dir=args.out,
                           callbacks=[delta_e])
@@ -62,7 +55,8 @@ def main() -> None:
     distiller.train()
     seconds = time.perf_counter() - t0
     with torch.no_grad():
-        after = sliced_wasserstein(distiller.ema_student(z), reference)
+        after = sliced_wasserstein(distiller.ema_student(z), reference,
+                                   generator=torch.Generator().manual_seed(0))
 
     print(f"{args.steps} steps in {seconds:.1f} s; "
           f"sliced W2 to the teacher: {before:.3f} -> {after:.3f} (EMA)")

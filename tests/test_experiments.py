@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
 import sys
 
 import pytest
@@ -26,8 +27,11 @@ from dmdcopy.data import (
 from dmdcopy.distill import DistillConfig
 from dmdcopy.errors import ConfigError
 from dmdcopy.experiments import (
+    DATA_KINDS,
     AblationConfig,
     DigitsConfig,
+    GaussianMixtureKind,
+    PowerLawGaussianKind,
     SweepConfig,
     TeacherConfig,
     Variant,
@@ -35,6 +39,7 @@ from dmdcopy.experiments import (
     format_digits_table,
     format_sweep_table,
     gaussian_frechet,
+    map_error,
     memorisation_stats,
     mixed_training_sigmas,
     ode_map_error,
@@ -44,16 +49,17 @@ from dmdcopy.experiments import (
     run_ablations,
     run_digits,
     run_dimension_sweep,
-    sliced_wasserstein,
     train_teacher,
     write_json,
 )
 from dmdcopy.experiments.common import DELTA_E_FIELDS, teacher_set
 from dmdcopy.experiments.pipeline import evaluate_student
 from dmdcopy.experiments.report import require_matplotlib, to_jsonable
-from dmdcopy.nets import MLP
+from dmdcopy.nets import MLP, ImageMLP
 from dmdcopy.noise import noise_for_seeds
+from dmdcopy.precond import EDMPrecond
 from dmdcopy.teachers import GaussianTeacher
+from dmdcopy.w2 import sliced_wasserstein
 
 TINY_DISTILL = DistillConfig(
     num_steps=2, batch_size=16, generator_lr=1e-4, fake_score_lr=1e-4, ema_halflife_steps=None,
@@ -137,10 +143,53 @@ def test_gaussian_frechet_of_exact_mean_and_scaled_covariance():
     assert math.isclose(got, (1 - 2.0) ** 2, rel_tol=1e-8)
 
 
+def test_map_error_is_the_rms_per_coordinate_difference():
+    exact = torch.zeros(10, 4, dtype=torch.float64)
+    learned = torch.full((10, 4), 0.3, dtype=torch.float64)
+    learned[:5] = -0.3  # every coordinate is 0.3 away: rmse 0.3 whatever the signs
+    err = map_error(learned, exact, 0.5)
+    assert math.isclose(err["rmse"], 0.3, rel_tol=1e-12)
+    assert math.isclose(err["relative_rmse"], 0.6, rel_tol=1e-12)
+
+
 def test_memorisation_stats_on_training_points():
     train = torch.randn(20, 5)
     stats = memorisation_stats(train[:7], train)
     assert stats["memorised_rate"] == 1.0 and stats["nearest_rms"] == 0.0
+
+
+# --- data kinds ------------------------------------------------------------------------------
+
+
+def test_data_kinds_by_name():
+    assert DATA_KINDS == {"power_law_gaussian": PowerLawGaussianKind, "gaussian_mixture": GaussianMixtureKind}
+    gm = GaussianMixtureKind(3, num_components=5, generator=torch.Generator().manual_seed(0))
+    assert gm.describe()["num_components"] == 5 and gm.dim == 3
+
+
+def test_gaussian_kind_exact_map_is_the_closed_form_and_quality_has_frechet():
+    kind = PowerLawGaussianKind(4, alpha=1.5, generator=torch.Generator().manual_seed(0))
+    z = noise_for_seeds(range(50), (4,))
+    exact = kind.exact_set(range(50), z, sigma_max=80.0)
+    assert exact.solver == "closed_form" and exact.sigmas.tolist() == [80.0, 0.0]
+    assert torch.equal(exact.x, kind.teacher.ode_map(z.double(), 80.0).float())
+    assert torch.equal(kind.exact_map(z, sigma_max=80.0), exact.x)
+    ref = kind.sample(50, generator=torch.Generator().manual_seed(1))
+    q = kind.quality(ref, ref, seed=0)
+    assert set(q) == {"sliced_wasserstein", "frechet_per_dim"} and q["sliced_wasserstein"] == 0.0
+    assert q["frechet_per_dim"] == gaussian_frechet(ref, kind.data.mean, kind.data.cov)
+
+
+def test_mixture_kind_integrates_the_exact_denoiser_on_the_grid_asked_for():
+    kind = GaussianMixtureKind(2, num_components=3, generator=torch.Generator().manual_seed(0))
+    z = noise_for_seeds(range(64), (2,))
+    coarse, fine = (kind.exact_set(range(64), z, num_steps=n) for n in (8, 64))
+    assert coarse.sigmas.numel() == 9 and fine.sigmas.numel() == 65
+    assert not torch.equal(coarse.x, fine.x)
+    # the fine map ends on the data: every sample sits near one of the component means
+    nearest = torch.cdist(fine.x.double(), kind.data.means.double()).min(1).values
+    assert float(nearest.max()) < 6 * float(kind.data.stds[0])
+    assert set(kind.quality(fine.x, fine.x, seed=0)) == {"sliced_wasserstein"}
 
 
 # --- teacher training ------------------------------------------------------------------------
@@ -179,6 +228,44 @@ def test_train_teacher_keeps_snapshots_and_records_losses():
     with pytest.raises(ConfigError, match="snapshot step"):
         train_teacher(lambda n, g: data.sample(n, generator=g), MLP(3, hidden=8, depth=1), TINY_TEACHER,
                       snapshot_steps=(99,))
+
+
+def test_train_teacher_trains_a_conditional_network_on_labelled_data():
+    # two classes at -1 and +1 (std 0.05): at a noise level that hides the class, only the label
+    # can tell the denoiser which mean to return
+    def sample(n, g):
+        y = torch.randint(0, 2, (n,), generator=g)
+        return (2.0 * y - 1.0).unsqueeze(1) + 0.05 * torch.randn(n, 1, generator=g), y
+
+    torch.manual_seed(0)
+    cfg = TeacherConfig(steps=300, batch=128, warmup=10, lr=3e-3, ema_halflife=20.0)
+    trained = train_teacher(sample, MLP(1, hidden=32, depth=1, label_dim=2), cfg,
+                            generator=torch.Generator().manual_seed(0))
+    D = trained.denoiser
+    assert isinstance(D, EDMPrecond) and D.label_dim == 2
+    x, sigma = torch.zeros(2, 1), torch.full((2,), 10.0)
+    with torch.no_grad():
+        out = D(x, sigma, class_labels=torch.tensor([0, 1]))
+    assert out[0, 0] < -0.5 and out[1, 0] > 0.5, out
+
+
+def test_image_mlp_is_a_network_of_the_library():
+    net = ImageMLP((1, 4, 4), hidden=16, depth=1)
+    D = EDMPrecond(net)
+    assert D(torch.zeros(3, 1, 4, 4), torch.ones(3)).shape == (3, 1, 4, 4)
+    assert type(net)(**net.init_kwargs).init_kwargs == net.init_kwargs
+
+
+def test_import_dmdcopy_stays_light():
+    code = ("import dmdcopy, sys; "
+            "heavy = [m for m in ('dmdcopy.experiments', 'matplotlib', 'sklearn') if m in sys.modules]; "
+            "assert not heavy, heavy; "
+            "import dmdcopy.experiments as e; assert dmdcopy.experiments is e")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    # the attribute imports it on first use
+    code = ("import dmdcopy, sys; dmdcopy.experiments.SWEEP_PRESETS; "
+            "assert 'dmdcopy.experiments' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 @pytest.mark.parametrize("field,value", [("steps", 0), ("lr", -1.0), ("sigma_min", 100.0),

@@ -12,8 +12,9 @@ from dmdcopy.experiments.ablations import (
     Variant,
     run_ablations,
 )
-from dmdcopy.experiments.common import gaussian_frechet, sliced_wasserstein
-from dmdcopy.experiments.digits import DIGITS_PRESETS, DigitsConfig, ImageMLP, memorisation_stats, run_digits
+from dmdcopy.experiments.common import gaussian_frechet, map_error
+from dmdcopy.experiments.digits import DIGITS_PRESETS, DigitsConfig, memorisation_stats, run_digits
+from dmdcopy.experiments.kinds import DATA_KINDS, DataKind, GaussianMixtureKind, PowerLawGaussianKind
 from dmdcopy.experiments.pipeline import distill_student, evaluate_student, make_student
 from dmdcopy.experiments.report import (
     format_ablation_table,
@@ -25,7 +26,6 @@ from dmdcopy.experiments.report import (
     write_json,
 )
 from dmdcopy.experiments.sweep import (
-    DATA_KINDS,
     SWEEP_PRESETS,
     SweepConfig,
     run_dimension_sweep,
@@ -46,8 +46,10 @@ __all__ = [
     "DIGITS_PRESETS",
     "SWEEP_PRESETS",
     "AblationConfig",
+    "DataKind",
     "DigitsConfig",
-    "ImageMLP",
+    "GaussianMixtureKind",
+    "PowerLawGaussianKind",
     "SweepConfig",
     "TeacherConfig",
     "TrainedTeacher",
@@ -59,6 +61,7 @@ __all__ = [
     "format_sweep_table",
     "gaussian_frechet",
     "make_student",
+    "map_error",
     "memorisation_stats",
     "mixed_training_sigmas",
     "ode_map_error",
@@ -69,7 +72,6 @@ __all__ = [
     "run_digits",
     "run_dimension_sweep",
     "run_sweep_point",
-    "sliced_wasserstein",
     "train_teacher",
     "write_json",
 ]

@@ -1,6 +1,6 @@
 """Ablations: which ingredient of DMD2 makes a student copy its teacher's pairing?
 
-One data setting (a kind and a dimension from :mod:`dmdcopy.experiments.sweep`'s families), one
+One data setting (a kind from :mod:`dmdcopy.experiments.kinds` and a dimension), one
 trained teacher, and a list of :class:`Variant` switches, each changing one thing from the baseline
 (one-step student initialised from the converged teacher, DMD loss only):
 
@@ -25,6 +25,7 @@ Every variant is measured on the same evaluation noises against its own teacher'
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -34,10 +35,19 @@ import torch
 
 from dmdcopy.distill.config import DistillConfig
 from dmdcopy.errors import ConfigError
-from dmdcopy.experiments.common import Timer, batched, teacher_set, transport_summary
+from dmdcopy.experiments.common import (
+    Timer,
+    batched,
+    map_error,
+    seeded,
+    teacher_set,
+    toy_distill_config,
+    transport_summary,
+)
+from dmdcopy.experiments.digits import memorisation_stats
+from dmdcopy.experiments.kinds import DATA_KINDS
 from dmdcopy.experiments.pipeline import STUDENT_INITS, distill_student, evaluate_student, make_student
 from dmdcopy.experiments.report import machine_info
-from dmdcopy.experiments.sweep import DATA_KINDS, _default_distill, _quality_fn
 from dmdcopy.experiments.teacher_training import TeacherConfig, train_teacher
 from dmdcopy.measure import measure_student
 from dmdcopy.metrics import pairing_inefficiency
@@ -45,6 +55,7 @@ from dmdcopy.nets.mlp import MLP
 from dmdcopy.noise import noise_for_seeds
 from dmdcopy.samplers import teacher_ode
 from dmdcopy.schedules import karras_sigmas
+from dmdcopy.teachers import EmpiricalTeacher
 
 __all__ = ["ABLATION_PRESETS", "DEFAULT_VARIANTS", "AblationConfig", "Variant", "run_ablations"]
 
@@ -91,7 +102,7 @@ DEFAULT_VARIANTS: tuple[Variant, ...] = (
 class AblationConfig:
     """The ablation study's setting."""
 
-    kind: str = "power_law_gaussian"  # key of dmdcopy.experiments.sweep.DATA_KINDS
+    kind: str = "power_law_gaussian"  # key of dmdcopy.experiments.kinds.DATA_KINDS
     dim: int = 32
     alpha: float = 1.0
     num_components: int = 8
@@ -100,7 +111,7 @@ class AblationConfig:
     depth: int = 3
     emb_dim: int = 64
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(steps=1500))
-    distill: DistillConfig = field(default_factory=_default_distill)
+    distill: DistillConfig = field(default_factory=lambda: toy_distill_config(250))
     regression_weight: float = 0.25  # weight of the regression loss when a variant turns it on
     gan_feature_module: str = "model.out_norm"  # fake-score submodule the GAN head reads
     num_train: int = 1000  # memorising teacher's data set, and the GAN's real samples
@@ -108,7 +119,8 @@ class AblationConfig:
     num_train_memorise: int = 32  # training set of the memorising network teacher
     # N = 32 at d = 32: 4000 steps put 85 % of its samples on training points (1500 steps: 26 %)
     memorise_teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(steps=4000, batch=128))
-    ode_steps: int = 32
+    ode_steps: int = 32  # Heun steps of each teacher's map T(z)
+    exact_ode_steps: int = 128  # Heun steps of the exact mixture map (the Gaussian's is closed form)
     num_eval: int = 1000
     n_boot: int = 500
     seed: int = 0
@@ -147,7 +159,7 @@ def _ablation_preset(dim: int, teacher_steps: int, distill_steps: int, hidden: i
     return AblationConfig(dim=dim, hidden=hidden, num_eval=num_eval,
                           teacher=TeacherConfig(steps=teacher_steps, batch=256),
                           memorise_teacher=TeacherConfig(steps=memorise_steps, batch=128),
-                          distill=_default_distill().replace(num_steps=distill_steps))
+                          distill=toy_distill_config(distill_steps))
 
 
 # Scales of the ablation study, as the CLI's --quick / default / --full.
@@ -170,20 +182,18 @@ def run_ablations(
     timer = Timer()
     t0 = time.perf_counter()
     seed = config.seed * 7919 + config.dim * 31 + 17
-    g = torch.Generator().manual_seed(seed)
-    kwargs = dict(alpha=config.alpha, generator=g)
-    if config.kind == "gaussian_mixture":
-        kwargs["num_components"] = config.num_components
-    data = DATA_KINDS[config.kind](config.dim, **kwargs)
-    exact = data.teacher().to(device)
+    data = DATA_KINDS[config.kind](config.dim, alpha=config.alpha, num_components=config.num_components,
+                                   generator=torch.Generator().manual_seed(seed))
+
+    def new_mlp() -> MLP:  # the teacher's architecture, with the teacher's initial weights
+        return seeded(seed, lambda: MLP(config.dim, hidden=config.hidden, depth=config.depth,
+                                        emb_dim=config.emb_dim)).to(device)
+
     train_set = data.sample(config.num_train, generator=torch.Generator().manual_seed(seed + 1)).to(device)
 
     say("ablations: teacher")
-    with torch.random.fork_rng(devices=[]):  # seed the network's init without touching the caller's RNG
-        torch.default_generator.manual_seed(seed)
-        net = MLP(config.dim, hidden=config.hidden, depth=config.depth, emb_dim=config.emb_dim).to(device)
     with timer("teacher_training"):
-        trained = train_teacher(lambda n, gen: data.sample(n, generator=gen), net, config.teacher,
+        trained = train_teacher(lambda n, gen: data.sample(n, generator=gen), new_mlp(), config.teacher,
                                 snapshot_steps=config.level_steps(),
                                 generator=torch.Generator().manual_seed(seed + 2))
     trained_mem = mem_set = None
@@ -196,12 +206,8 @@ def run_ablations(
             idx = torch.randint(0, mem_set.shape[0], (n,), generator=gen)
             return mem_set[idx.to(mem_set.device)]
 
-        with torch.random.fork_rng(devices=[]):  # same architecture and initial weights as the teacher
-            torch.default_generator.manual_seed(seed)
-            mem_net = MLP(config.dim, hidden=config.hidden, depth=config.depth,
-                          emb_dim=config.emb_dim).to(device)
         with timer("memorising_net_training"):
-            trained_mem = train_teacher(sample_mem, mem_net, config.memorise_teacher,
+            trained_mem = train_teacher(sample_mem, new_mlp(), config.memorise_teacher,
                                         snapshot_steps=config.memorise_level_steps(),
                                         generator=torch.Generator().manual_seed(seed + 8))
 
@@ -212,16 +218,14 @@ def run_ablations(
     z_pairs = noise_for_seeds(pair_seeds, shape, device=device)
     sig = karras_sigmas(config.ode_steps, config.teacher.sigma_min, config.teacher.sigma_max)
     reference = data.sample(config.num_eval, generator=torch.Generator().manual_seed(seed + 3))
-    quality = _quality_fn(data, reference, config.kind, seed + 4)
+
+    def quality(x: torch.Tensor) -> dict:
+        return data.quality(x, reference, seed=seed + 4)
+
     with torch.no_grad():
-        if config.kind == "power_law_gaussian":
-            x_exact = exact.ode_map(z.double(), config.teacher.sigma_max).float()
-            exact_set = teacher_set(eval_seeds, z, x_exact, solver="closed_form",
-                                    sigmas=torch.tensor([config.teacher.sigma_max, 0.0]))
-        else:
-            fine = karras_sigmas(128, config.teacher.sigma_min, config.teacher.sigma_max)
-            x_exact = batched(lambda zz: teacher_ode(exact, zz.double(), fine).float(), z)
-            exact_set = teacher_set(eval_seeds, z, x_exact, sigmas=fine)
+        exact_set = data.exact_set(eval_seeds, z, sigma_min=config.teacher.sigma_min,
+                                   sigma_max=config.teacher.sigma_max, num_steps=config.exact_ode_steps)
+    x_exact = exact_set.x
 
     records: dict[str, dict] = {}
     for v in config.variants:
@@ -232,8 +236,6 @@ def run_ablations(
             level_step = max(1, round(v.teacher_level * config.memorise_teacher.steps))
             trained_level = trained_mem.at_step(level_step).to(device)
         if v.memorising:
-            from dmdcopy.teachers import EmpiricalTeacher
-
             teacher = EmpiricalTeacher(train_set, sigma_max=config.teacher.sigma_max).to(device)
         else:
             teacher = trained_level
@@ -250,8 +252,6 @@ def run_ablations(
         G = make_student(trained_level, v.init, seed=seed + 5)
         fake = None
         if v.memorising:
-            import copy
-
             fake = copy.deepcopy(trained_level)
         with torch.no_grad():  # before any DMD step: how much of the pairing the initialisation already has
             de_init = measure_student(G, t_set, n_boot=0).result
@@ -265,8 +265,8 @@ def run_ablations(
                    delta_e_at_init=de_init.delta_e if de_init is not None else None,
                    teacher_quality=quality(t_samples),
                    teacher_transport=transport_summary(z, t_samples, n_boot=0)["value"],
-                   teacher_ode_error=float((t_samples - x_exact).pow(2).mean().sqrt())
-                   / config.teacher.sigma_data,
+                   teacher_ode_error=map_error(t_samples, x_exact,
+                                               config.teacher.sigma_data)["relative_rmse"],
                    teacher_delta_e_vs_exact=pairing_inefficiency(t_samples, x_exact, n_boot=0).delta_e)
         if v.memorising_net and rec["finite"]:
             rec["memorisation"] = _memorisation_record(teacher, G, mem_set, z, t_samples, sig,
@@ -292,9 +292,6 @@ def _memorisation_record(teacher, G, train: torch.Tensor, z: torch.Tensor, t_sam
     (same Heun steps); ``same_point_as_empirical``: share of ``z`` whose nearest training point is the
     same for both maps.
     """
-    from dmdcopy.experiments.digits import memorisation_stats
-    from dmdcopy.teachers import EmpiricalTeacher
-
     with torch.no_grad():
         emp = EmpiricalTeacher(train, sigma_max=teacher.sigma_max).to(train.device)
         e_samples = batched(lambda zz: teacher_ode(emp, zz.double(), sigmas).float(), z)
@@ -309,6 +306,6 @@ def _memorisation_record(teacher, G, train: torch.Tensor, z: torch.Tensor, t_sam
         teacher_memorised_rate=t_mem["memorised_rate"], teacher_nearest_rms=t_mem["nearest_rms"],
         student_memorised_rate=memorisation_stats(s_samples, train)["memorised_rate"],
         empirical_memorised_rate=memorisation_stats(e_samples, train)["memorised_rate"],
-        teacher_ode_vs_empirical=float((t2 - e2).pow(2).mean().sqrt()) / sigma_data,
+        teacher_ode_vs_empirical=map_error(t_samples, e_samples, sigma_data)["relative_rmse"],
         same_point_as_empirical=float(same),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,49 +25,12 @@ __all__ = [
     "batched",
     "delta_e_record",
     "gaussian_frechet",
-    "sliced_wasserstein",
+    "map_error",
+    "seeded",
     "teacher_set",
+    "toy_distill_config",
     "transport_summary",
 ]
-
-
-def _flat_pair(a: torch.Tensor, b: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if a.ndim < 2 or b.ndim < 2 or a.shape[1:] != b.shape[1:]:
-        raise ShapeError(f"{where}: expected (N, ...) and (M, ...) with equal per-sample shapes, "
-                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
-    return a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).to(a.device).double()
-
-
-def sliced_wasserstein(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    *,
-    num_projections: int = 256,
-    generator: torch.Generator | None = None,
-) -> float:
-    """Sliced 2-Wasserstein distance between two equal-size sample sets.
-
-    ``SW_2 = sqrt(mean_u W_2^2(u.a, u.b))`` over ``num_projections`` random unit directions ``u``;
-    each 1-D ``W_2`` is the sorted matching.
-
-    Args:
-        a, b: ``(N, ...)`` samples with the same shape.
-
-    Returns: a float in the data's units.
-
-    >>> x = torch.randn(100, 3)
-    >>> sliced_wasserstein(x, x)
-    0.0
-    """
-    a2, b2 = _flat_pair(a, b, "sliced_wasserstein")
-    if a2.shape[0] != b2.shape[0]:
-        raise ShapeError(f"sliced_wasserstein: needs equal sample counts, "
-                         f"got {a2.shape[0]} and {b2.shape[0]}")
-    u = torch.randn(a2.shape[1], num_projections, generator=generator, dtype=torch.float64)
-    u = (u / u.norm(dim=0, keepdim=True)).to(a2.device)
-    pa, _ = (a2 @ u).sort(0)  # (N, P)
-    pb, _ = (b2 @ u).sort(0)
-    return float((pa - pb).pow(2).mean().sqrt())
 
 
 def _sqrtm_psd(m: np.ndarray) -> np.ndarray:
@@ -148,6 +112,34 @@ def transport_summary(noise: torch.Tensor, samples: torch.Tensor, *, n_boot: int
     """Teacher-free transport inefficiency of the coupling ``(noise_i, samples_i)`` as a dict."""
     r = transport_inefficiency(noise, samples, n_boot=n_boot, generator=generator)
     return dict(value=r.value, ci_low=r.ci_low, ci_high=r.ci_high, e_model=r.e_model, e_opt=r.e_opt)
+
+
+def map_error(learned: torch.Tensor, exact: torch.Tensor, scale: float) -> dict:
+    """How far a learned map's outputs are from the exact map's on the same noises.
+
+    Args:
+        learned, exact: ``(N, ...)``, ``T(z)`` and ``T_exact(z)`` of the same ``z``.
+        scale: the data scale (``sigma_data``) the error is divided by.
+
+    Returns: ``dict(rmse, relative_rmse)`` with ``rmse = sqrt(mean_i ||T(z_i) - T_exact(z_i)||^2 / d)``
+    (float64) and ``relative_rmse = rmse / scale``.
+    """
+    if learned.shape != exact.shape:
+        raise ShapeError(f"map_error: learned {tuple(learned.shape)} and exact {tuple(exact.shape)} differ")
+    diff = learned.double() - exact.double().to(learned.device)
+    rmse = float(diff.pow(2).flatten(1).mean(1).mean().sqrt())
+    return dict(rmse=rmse, relative_rmse=rmse / scale)
+
+
+T = TypeVar("T")
+
+
+def seeded(seed: int, build: Callable[[], T]) -> T:
+    """``build()`` with the CPU generator seeded by ``seed`` (a network's initial weights), leaving
+    the caller's generator state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return build()
 
 
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 1024) -> torch.Tensor:

@@ -30,43 +30,20 @@ from torch import nn
 from dmdcopy.data.digits import load_digits, split_digits
 from dmdcopy.distill.config import DistillConfig
 from dmdcopy.errors import ConfigError
-from dmdcopy.experiments.common import Timer, batched, sliced_wasserstein, teacher_set, toy_distill_config
+from dmdcopy.experiments.common import Timer, batched, seeded, teacher_set, toy_distill_config
 from dmdcopy.experiments.pipeline import distill_student, evaluate_student, make_student
 from dmdcopy.experiments.report import machine_info
 from dmdcopy.experiments.teacher_training import TeacherConfig, train_teacher
-from dmdcopy.nets.mlp import MLP
+from dmdcopy.nets.image_mlp import ImageMLP
 from dmdcopy.noise import noise_for_seeds
 from dmdcopy.precond import EDMPrecond
 from dmdcopy.samplers import teacher_ode
 from dmdcopy.schedules import karras_sigmas
+from dmdcopy.w2 import sliced_wasserstein
 
-__all__ = ["DIGITS_PRESETS", "DigitsConfig", "ImageMLP", "memorisation_stats", "run_digits"]
+__all__ = ["DIGITS_PRESETS", "DigitsConfig", "memorisation_stats", "run_digits"]
 
 EVAL_SEED_OFFSET = 2_000_000
-
-
-class ImageMLP(nn.Module):
-    """:class:`dmdcopy.nets.MLP` on flattened images: ``x: (B, C, H, W) -> (B, C, H, W)``."""
-
-    def __init__(self, sample_shape: tuple[int, ...], hidden: int = 256, depth: int = 3,
-                 emb_dim: int = 64) -> None:
-        super().__init__()
-        self.init_kwargs = dict(sample_shape=tuple(sample_shape), hidden=hidden, depth=depth, emb_dim=emb_dim)
-        self.sample_shape = tuple(int(s) for s in sample_shape)
-        self.label_dim = 0
-        dim = 1
-        for s in self.sample_shape:
-            dim *= s
-        self.mlp = MLP(dim, hidden=hidden, depth=depth, emb_dim=emb_dim)
-
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        flat = x.reshape(x.shape[0], -1)  # (B, C*H*W)
-        return self.mlp(flat, noise_labels, class_labels).reshape(x.shape)
-
-
-def _default_distill() -> DistillConfig:
-    return toy_distill_config(300)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +57,7 @@ class DigitsConfig:
     unet_channels: int = 16  # SongUNet model_channels (channel_mult (1, 2), one block per level)
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(steps=2000, batch=128))
     levels: tuple[float, ...] = (0.05, 0.25, 1.0)  # convergence levels: fractions of teacher training
-    distill: DistillConfig = field(default_factory=_default_distill)
+    distill: DistillConfig = field(default_factory=lambda: toy_distill_config(300))
     memorising: bool = True  # also distil from the exact empirical (memorising) teacher
     scratch: bool = True  # also a from-scratch student at the final level and for the memorising teacher
     train_fraction: float = 0.8  # of the 1,797 digits; the rest is held out
@@ -113,7 +90,7 @@ class DigitsConfig:
 def _digits_preset(teacher_steps: int, distill_steps: int, levels: tuple[float, ...], num_eval: int,
                    **kwargs) -> DigitsConfig:
     return DigitsConfig(teacher=TeacherConfig(steps=teacher_steps, batch=128), levels=levels,
-                        distill=_default_distill().replace(num_steps=distill_steps), num_eval=num_eval,
+                        distill=toy_distill_config(distill_steps), num_eval=num_eval,
                         **kwargs)
 
 
@@ -180,9 +157,7 @@ def run_digits(
         return train[idx.to(device)]
 
     say("digits: teacher")
-    with torch.random.fork_rng(devices=[]):  # seed the network's init without touching the caller's RNG
-        torch.default_generator.manual_seed(config.seed)
-        net = _make_net(config, shape).to(device)
+    net = seeded(config.seed, lambda: _make_net(config, shape)).to(device)
     steps = config.level_steps()
     with timer("teacher_training"):
         trained = train_teacher(sample_train, net, config.teacher, snapshot_steps=steps,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dmdcopy.errors import ConfigError
-from dmdcopy.experiments.common import batched, delta_e_record, transport_summary
+from dmdcopy.experiments.common import batched, delta_e_record, seeded, transport_summary
 from dmdcopy.measure import TeacherSamples, measure_student
 from dmdcopy.precond import EDMPrecond
 from dmdcopy.students import OneStepStudent
@@ -59,9 +59,7 @@ def make_student(
             def net_factory() -> nn.Module:
                 return type(teacher.model)(**kwargs)
 
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            net = net_factory()
+        net = seeded(seed, net_factory)
         param = next(teacher.parameters())
         net = net.to(device=param.device, dtype=param.dtype)
         denoiser = EDMPrecond(net, sigma_data=getattr(teacher, "sigma_data", 0.5),

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from dmdcopy._atomic import write_atomic
+from dmdcopy._json import json_safe
 from dmdcopy.errors import ConfigError
 
 __all__ = [
@@ -38,25 +39,29 @@ __all__ = [
 STUDENT_ORDER = ("teacher_init", "scratch")
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Tensors to lists, dataclasses to dicts, non-finite floats to ``None`` (JSON has no NaN)."""
+def _plain(obj: Any) -> Any:
+    """Tensors to lists, dataclasses to dicts, numpy scalars to Python numbers, keys to strings."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(dataclasses.asdict(obj))
+        return _plain(dataclasses.asdict(obj))
     if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
+        return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
+        return [_plain(v) for v in obj]
     if isinstance(obj, torch.Tensor):
-        return to_jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (int, str, bool)) or obj is None:
+        return _plain(obj.detach().cpu().tolist())
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
         return obj
     if isinstance(obj, torch.dtype | torch.device):
         return str(obj)
     if hasattr(obj, "item"):  # numpy scalars
-        return to_jsonable(obj.item())
+        return _plain(obj.item())
     return str(obj)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Tensors to lists, dataclasses to dicts, non-finite floats to ``None`` (JSON has no NaN;
+    :func:`dmdcopy._json.json_safe`, the library's one rule for it)."""
+    return json_safe(_plain(obj))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

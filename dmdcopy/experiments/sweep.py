@@ -1,7 +1,7 @@
 """Dimension sweep: does a DMD student copy its teacher's pairing, as a function of dimension?
 
-For each data kind (power-law Gaussian, Gaussian mixture; :mod:`dmdcopy.data.synthetic`) and each
-dimension ``d``:
+For each data kind (power-law Gaussian, Gaussian mixture; :mod:`dmdcopy.experiments.kinds`) and
+each dimension ``d``:
 
 1. train an MLP teacher with the EDM loss over the whole sigma range
    (:func:`~dmdcopy.experiments.teacher_training.train_teacher`) and compare its probability-flow
@@ -26,19 +26,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dmdcopy.data.synthetic import gaussian_mixture, power_law_gaussian
 from dmdcopy.distill.config import DistillConfig
 from dmdcopy.errors import ConfigError
 from dmdcopy.experiments.common import (
     Timer,
     batched,
     delta_e_record,
-    gaussian_frechet,
-    sliced_wasserstein,
+    map_error,
+    seeded,
     teacher_set,
     toy_distill_config,
     transport_summary,
 )
+from dmdcopy.experiments.kinds import DATA_KINDS, DataKind
 from dmdcopy.experiments.pipeline import STUDENT_INITS, distill_student, evaluate_student, make_student
 from dmdcopy.experiments.report import machine_info
 from dmdcopy.experiments.teacher_training import TeacherConfig, train_teacher
@@ -57,18 +57,8 @@ __all__ = [
     "run_sweep_point",
 ]
 
-# The data families a sweep can use, by name (the CLI's edge maps names to these factories).
-DATA_KINDS: dict[str, Callable[..., object]] = {
-    "power_law_gaussian": power_law_gaussian,
-    "gaussian_mixture": gaussian_mixture,
-}
-
 # Evaluation seeds start here, far from anything a training loop draws.
 EVAL_SEED_OFFSET = 1_000_000
-
-
-def _default_distill() -> DistillConfig:
-    return toy_distill_config(250)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +74,7 @@ class SweepConfig:
     depth: int = 3  # MLP residual blocks
     emb_dim: int = 64  # MLP noise-embedding width
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(steps=1200))
-    distill: DistillConfig = field(default_factory=_default_distill)
+    distill: DistillConfig = field(default_factory=lambda: toy_distill_config(250))
     ode_steps: int = 32  # Heun steps of the trained teacher's map T(z)
     exact_ode_steps: int = 128  # Heun steps of the exact mixture map (the Gaussian's is closed form)
     num_eval: int = 1000  # evaluation noises (one assignment block)
@@ -122,7 +112,7 @@ def _preset(steps_teacher: int, steps_distill: int, dims: tuple[int, ...], hidde
     return SweepConfig(
         dims=dims, hidden=hidden, num_eval=num_eval,
         teacher=TeacherConfig(steps=steps_teacher, batch=256),
-        distill=_default_distill().replace(num_steps=steps_distill),
+        distill=toy_distill_config(steps_distill),
     )
 
 
@@ -134,26 +124,13 @@ SWEEP_PRESETS: dict[str, Callable[[], SweepConfig]] = {
 }
 
 
-def _quality_fn(
-    data, reference: torch.Tensor, kind: str, generator_seed: int
-) -> Callable[[torch.Tensor], dict]:
-    def quality(samples: torch.Tensor) -> dict:
-        g = torch.Generator().manual_seed(generator_seed)
-        out = dict(sliced_wasserstein=sliced_wasserstein(samples.cpu(), reference, generator=g))
-        if kind == "power_law_gaussian":
-            out["frechet_per_dim"] = gaussian_frechet(samples.cpu(), data.mean, data.cov)
-        return out
-
-    return quality
-
-
 def run_sweep_point(
     kind: str,
     dim: int,
     config: SweepConfig,
     *,
     device: torch.device | str = "cpu",
-    data_factories: Mapping[str, Callable[..., object]] = DATA_KINDS,
+    data_kinds: Mapping[str, type[DataKind]] = DATA_KINDS,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[dict, dict]:
     """One (data kind, d) point of the sweep.
@@ -165,18 +142,13 @@ def run_sweep_point(
     say = progress or (lambda _msg: None)
     timer = Timer()
     point_seed = config.seed * 7919 + dim * 31 + sum(map(ord, kind))  # distinct per (seed, d, kind)
-    g = torch.Generator().manual_seed(point_seed)
-    kwargs = dict(alpha=config.alpha, generator=g)
-    if kind == "gaussian_mixture":
-        kwargs["num_components"] = config.num_components
-    data = data_factories[kind](dim, **kwargs)
-    exact = data.teacher().to(device)
+    data = data_kinds[kind](dim, alpha=config.alpha, num_components=config.num_components,
+                            generator=torch.Generator().manual_seed(point_seed))
 
     # 1. teacher
     say(f"{kind} d={dim}: teacher")
-    with torch.random.fork_rng(devices=[]):  # seed the network's init without touching the caller's RNG
-        torch.default_generator.manual_seed(point_seed)
-        net = MLP(dim, hidden=config.hidden, depth=config.depth, emb_dim=config.emb_dim).to(device)
+    net = seeded(point_seed, lambda: MLP(dim, hidden=config.hidden, depth=config.depth,
+                                         emb_dim=config.emb_dim)).to(device)
     with timer("teacher_training"):
         trained = train_teacher(lambda n, gen: data.sample(n, generator=gen), net, config.teacher,
                                 generator=torch.Generator().manual_seed(point_seed + 1))
@@ -188,23 +160,21 @@ def run_sweep_point(
     with timer("teacher_maps"), torch.no_grad():
         sig = karras_sigmas(config.ode_steps, config.teacher.sigma_min, sigma_max)
         t_samples = batched(lambda zz: teacher_ode(teacher, zz, sig), z)
-        if kind == "power_law_gaussian":
-            x_exact = exact.ode_map(z.double(), sigma_max).float()
-            exact_set = teacher_set(seeds, z, x_exact, sigmas=torch.tensor([sigma_max, 0.0]),
-                                    solver="closed_form")
-        else:
-            sig_fine = karras_sigmas(config.exact_ode_steps, config.teacher.sigma_min, sigma_max)
-            x_exact = batched(lambda zz: teacher_ode(exact, zz.double(), sig_fine).float(), z)
-            exact_set = teacher_set(seeds, z, x_exact, sigmas=sig_fine)
+        exact_set = data.exact_set(seeds, z, sigma_min=config.teacher.sigma_min, sigma_max=sigma_max,
+                                   num_steps=config.exact_ode_steps)
+        x_exact = exact_set.x
     trained_set = teacher_set(seeds, z, t_samples, sigmas=sig)
     reference = data.sample(config.num_eval, generator=torch.Generator().manual_seed(point_seed + 2))
     floor_ref = data.sample(config.num_eval, generator=torch.Generator().manual_seed(point_seed + 3))
-    quality = _quality_fn(data, reference, kind, point_seed + 4)
+
+    def quality(x: torch.Tensor) -> dict:
+        return data.quality(x, reference, seed=point_seed + 4)
+
     with timer("teacher_eval"):
         teacher_rec = dict(
             train=trained.summary(),
             # the same z through the trained and the exact map: the teacher's error, in sigma_data units
-            ode_error=_relative_rmse(t_samples, x_exact, config.teacher.sigma_data),
+            ode_error=map_error(t_samples, x_exact, config.teacher.sigma_data),
             delta_e_vs_exact=delta_e_record(pairing_inefficiency(t_samples, x_exact, n_boot=config.n_boot)),
             transport=transport_summary(z, t_samples, n_boot=config.n_boot),
             quality=quality(t_samples),
@@ -232,16 +202,11 @@ def run_sweep_point(
     return point, samples
 
 
-def _relative_rmse(a: torch.Tensor, b: torch.Tensor, scale: float) -> dict:
-    rmse = float((a.double() - b.double().to(a.device)).pow(2).flatten(1).mean(1).mean().sqrt())
-    return dict(rmse=rmse, relative_rmse=rmse / scale)
-
-
 def run_dimension_sweep(
     config: SweepConfig = SweepConfig(),
     *,
     device: torch.device | str = "cpu",
-    data_factories: Mapping[str, Callable[..., object]] = DATA_KINDS,
+    data_kinds: Mapping[str, type[DataKind]] = DATA_KINDS,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Run every (kind, d) point of ``config``; return the results as a JSON-ready dict.
@@ -257,7 +222,7 @@ def run_dimension_sweep(
     for kind in config.kinds:
         for dim in config.dims:
             point, samples = run_sweep_point(kind, dim, config, device=device,
-                                             data_factories=data_factories, progress=progress)
+                                             data_kinds=data_kinds, progress=progress)
             points.append(point)
             if dim == 2:
                 k = config.pairs_2d

@@ -5,11 +5,13 @@ trained near ``sigma_max`` hands it a meaningless start. EDM's log-normal (``P_m
 P_std=1.2``) almost never draws ``sigma > 20``; here a share of every batch is drawn log-uniform on
 ``[sigma_min, sigma_max]`` so every level the sampler and the distiller visit is trained.
 
-The loss is EDM's (eq. 8 with Table 1's ``lambda``)::
+The loss is EDM's (eq. 8 with Table 1's ``lambda``), :func:`dmdcopy.losses.dsm_loss` with
+:func:`dmdcopy.schedules.edm_weight`::
 
     L = E_{x, sigma, n} lambda(sigma) || D(x + sigma n, sigma) - x ||^2 / d
 
-and :func:`ode_map_error` compares the trained teacher's probability-flow map with the exact map of
+the weights are averaged by :class:`dmdcopy.distill.ema.EMA` (with a warm-up), and
+:func:`ode_map_error` compares the trained teacher's probability-flow map with the exact map of
 data whose denoiser is known (a Gaussian's closed form, or a mixture's exact denoiser integrated
 with the same solver), so teacher error and solver error are told apart.
 """
@@ -25,8 +27,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from dmdcopy.contracts import broadcast, denoise
+from dmdcopy.distill.ema import EMA
 from dmdcopy.errors import ConfigError
+from dmdcopy.experiments.common import map_error
+from dmdcopy.losses import dsm_loss
 from dmdcopy.precond import EDMPrecond
+from dmdcopy.samplers import teacher_ode
 from dmdcopy.schedules import edm_weight, karras_sigmas
 
 __all__ = [
@@ -116,6 +123,8 @@ def mixed_training_sigmas(
 
     The log-normal is clamped into ``[sigma_min, sigma_max]``; the log-uniform share covers the range
     evenly in ``log sigma`` so the top of the range (where a one-step student starts) is trained.
+    Both are drawn and mixed in ``log sigma`` (not from :func:`dmdcopy.schedules.lognormal_sigmas`,
+    which clamps nothing and returns ``sigma``).
     """
     gen_device = generator.device if generator is not None else "cpu"
     n = torch.randn(batch, generator=generator, device=gen_device)
@@ -134,8 +143,18 @@ def _lr_at(step: int, config: TeacherConfig) -> float:
     return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # x, or (x, class_labels)
+
+
+def _split(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    x, labels = batch
+    return x, labels
+
+
 def train_teacher(
-    sample_data: Callable[[int, torch.Generator | None], torch.Tensor],
+    sample_data: Callable[[int, torch.Generator | None], Batch],
     net: nn.Module,
     config: TeacherConfig = TeacherConfig(),
     *,
@@ -148,7 +167,10 @@ def train_teacher(
     Args:
         sample_data: ``(n, generator) -> x: (n, ...)`` training data (fresh samples from a known
             distribution, or a random batch of a finite set), on any device; moved to ``net``'s.
-        net: raw network ``F(x_in, c_noise, class_labels=None)`` (e.g. :class:`dmdcopy.nets.MLP`).
+            For a conditional ``net`` it returns ``(x, class_labels)`` with ``class_labels: (n,)``
+            class indices or ``(n, label_dim)``.
+        net: raw network ``F(x_in, c_noise, class_labels=None)`` (e.g. :class:`dmdcopy.nets.MLP`);
+            conditional when it declares ``label_dim > 0``.
         config: :class:`TeacherConfig`.
         generator: randomness of data draws, noise levels and noise (a CPU generator).
         snapshot_steps: steps (1-based, counting finished steps) at which the EMA weights are kept
@@ -166,38 +188,36 @@ def train_teacher(
     D = EDMPrecond(net, sigma_data=config.sigma_data, sigma_min=config.sigma_min,
                    sigma_max=config.sigma_max)
     D.train()
-    ema = copy.deepcopy(D).eval().requires_grad_(False)
+    # ema_halflife 0 means no averaging: beta 0 makes the "average" the latest weights
+    ema = EMA(D, halflife=config.ema_halflife if config.ema_halflife > 0 else 1.0)
+    beta = ema.beta if config.ema_halflife > 0 else 0.0
     opt = torch.optim.Adam(D.parameters(), lr=config.lr)
-    result = TrainedTeacher(denoiser=ema, config=config)
+    result = TrainedTeacher(denoiser=ema.module, config=config)
     keep = set(snapshot_steps) | {config.steps}
     gen_device = generator.device if generator is not None else "cpu"
     t0 = time.perf_counter()
     for step in range(config.steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, config)
-        x = sample_data(config.batch, generator).to(device=device, dtype=dtype)
+        x, labels = _split(sample_data(config.batch, generator))
+        x = x.to(device=device, dtype=dtype)
+        labels = labels.to(device) if labels is not None else None
         sigma = mixed_training_sigmas(x.shape[0], config, generator=generator, device=device, dtype=dtype)
         noise = torch.randn(x.shape, generator=generator, device=gen_device).to(device=device, dtype=dtype)
-        view = (-1,) + (1,) * (x.ndim - 1)  # (B,) -> (B, 1, ..., 1)
-        denoised = D(x + sigma.view(view) * noise, sigma)
-        per_sample = (denoised - x).pow(2).flatten(1).mean(1)  # (B,)
-        loss = (edm_weight(sigma, config.sigma_data) * per_sample).mean()
+        denoised = denoise(D, x + broadcast(sigma, x) * noise, sigma, labels)
+        loss = dsm_loss(denoised, x, sigma, weighting=edm_weight, sigma_data=config.sigma_data).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
             nn.utils.clip_grad_norm_(D.parameters(), config.grad_clip)
         opt.step()
-        with torch.no_grad():
-            beta = 0.5 ** (1 / config.ema_halflife) if config.ema_halflife > 0 else 0.0
-            beta = min(beta, step / (step + 1))  # average the early steps evenly (EMA warm-up)
-            for p_ema, p in zip(ema.parameters(), D.parameters()):
-                p_ema.lerp_(p.detach(), 1 - beta)
-            for b_ema, b in zip(ema.buffers(), D.buffers()):
-                b_ema.copy_(b)
+        ema.beta = min(beta, step / (step + 1))  # EMA warm-up: the first steps are averaged evenly
+        ema.update(D)
         value = float(loss.detach())
         result.losses.append(value)
         if step + 1 in keep:
-            result.snapshots[step + 1] = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
+            state = ema.module.state_dict()
+            result.snapshots[step + 1] = {k: v.detach().cpu().clone() for k, v in state.items()}
         if callback is not None:
             callback(step + 1, value)
     result.seconds = time.perf_counter() - t0
@@ -225,13 +245,9 @@ def ode_map_error(
         z: ``(N, ...)`` standard-normal noise.
         scale: the data scale the error is divided by (``sigma_data``).
 
-    Returns: ``dict(rmse, relative_rmse, num_steps)`` with ``rmse = sqrt(mean ||T - T_exact||^2 / d)``
-    and ``relative_rmse = rmse / scale``.
+    Returns: ``dict(rmse, relative_rmse, num_steps)``, :func:`~dmdcopy.experiments.common.map_error`
+    of the two maps (float64).
     """
-    from dmdcopy.samplers import teacher_ode
-
     sigmas = karras_sigmas(num_steps, sigma_min, sigma_max)
     learned = teacher_ode(denoiser, z, sigmas)
-    exact = exact_map(z).to(learned)
-    rmse = float((learned - exact).pow(2).flatten(1).mean(1).mean().sqrt())
-    return dict(rmse=rmse, relative_rmse=rmse / scale, num_steps=num_steps)
+    return dict(**map_error(learned, exact_map(z), scale), num_steps=num_steps)
