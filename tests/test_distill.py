@@ -1,5 +1,6 @@
 """The Distiller: config validation, two time-scale rule, GMM distillation, resume, faults, logs."""
 
+import copy
 import importlib.util
 import json
 import math
@@ -14,6 +15,7 @@ from torch import nn
 from dmdcopy import delta_e
 from dmdcopy.distill import DistillConfig, Distiller, latest_checkpoint, list_checkpoints
 from dmdcopy.distill.callbacks import DELTA_E_LOG_KEYS, DeltaECallback
+from dmdcopy.distill.draws import Stream
 from dmdcopy.errors import CheckpointError, ConfigError, NonFiniteError, ShapeError
 from dmdcopy.nets import MLP
 from dmdcopy.pairs import generate_pairs
@@ -147,6 +149,60 @@ def test_fake_score_defaults_to_a_copy_of_the_teacher():
         assert torch.equal(a, b) and a.requires_grad and not b.requires_grad
 
 
+def test_a_failed_construction_leaves_the_teacher_as_it_was():
+    teacher = net()  # trainable, in train mode, as a user's network usually is
+    bad = small_config(gan=True, gan_feature_module="model.blocks.1.fc2")  # no real_data
+    with pytest.raises(ConfigError, match="real_data"):
+        Distiller(teacher, OneStepStudent(copy.deepcopy(teacher)), config=bad)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    # so the README's next try works: a student copied from the (still trainable) teacher
+    d = Distiller(teacher, OneStepStudent(copy.deepcopy(teacher)), config=small_config(num_steps=1))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in d.student.parameters())
+
+
+def test_a_student_copied_from_a_frozen_teacher_gets_a_fix_in_the_error():
+    teacher = net().requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"no parameter requires grad.*requires_grad_\(True\)"):
+        Distiller(teacher, OneStepStudent(copy.deepcopy(teacher)), config=small_config())
+
+
+class NoSigma(nn.Module):
+    """A network called as f(x): not a denoiser."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.sample_shape = (2,)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_the_teacher_is_test_called_before_training():
+    raw = MLP(2, hidden=8, depth=1)  # F(x_in, c_noise, class_labels), no preconditioning
+    with pytest.raises(ConfigError, match=r"teacher: MLP.forward takes 'noise_labels'.*EDMPrecond"):
+        Distiller(raw, OneStepStudent(net()), fake_score=net(), config=small_config(), sample_shape=(2,))
+    wrong = NoSigma()
+    with pytest.raises(ConfigError, match=r"teacher: a test call .* failed \(TypeError"):
+        Distiller(wrong, OneStepStudent(net()), fake_score=net(), config=small_config())
+    assert wrong.training and all(p.requires_grad for p in wrong.parameters())
+    with pytest.raises(ConfigError, match=r"fake_score: MLP.forward takes 'noise_labels'"):
+        Distiller(gmm(), OneStepStudent(net()), fake_score=MLP(2, hidden=8, depth=1), config=small_config())
+
+
+def test_a_float64_run_computes_in_float64():
+    torch.manual_seed(0)
+    student, fake = OneStepStudent(net().double()), net().double()
+    d = Distiller(gmm(), student, fake_score=fake, config=small_config(num_steps=2, ema_halflife_steps=2.0))
+    draws = d.draws(0)
+    assert draws.z().dtype == torch.float64 and draws.sigma(Stream.K, (0, 999)).dtype == torch.float64
+    d.train()
+    assert (d.generator_updates, d.nonfinite_total) == (2, 0)
+    for p in [*student.parameters(), *fake.parameters(), *d.ema_student.parameters()]:
+        assert p.dtype == torch.float64 and torch.isfinite(p).all()
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 
@@ -193,11 +249,76 @@ def test_scratch_multistep_and_conditional_students_train():
         assert all(torch.isfinite(p).all() for p in student.parameters())
 
 
+class Recorder(nn.Module):
+    """A denoiser that records each call's sigma, labels and whether autograd was on."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+        self.sample_shape, self.label_dim = inner.sample_shape, inner.label_dim
+
+    def forward(self, x, sigma, class_labels=None):
+        self.calls.append((sigma.detach().clone(), None if class_labels is None else class_labels.clone(),
+                           torch.is_grad_enabled()))
+        return self.inner(x, sigma, class_labels)
+
+
+def test_backward_simulation_trains_one_step_and_only_that_one():
+    # Each generator update must run the steps before j without gradient and return step j's
+    # estimate with gradient; j varies between updates, so every step of the student is trained.
+    sigmas = (80.0, 5.0, 1.0)
+    student = MultiStepStudent(Recorder(net()), sigmas)
+    d = Distiller(gmm(), student, fake_score=net(), config=small_config(num_steps=12, fake_score_steps=1))
+    trained = []
+
+    def hook(module, args, kwargs, output):
+        if torch.is_grad_enabled():  # the generator update (fake-score samples are made without grad)
+            trained.append((kwargs["train_step"], output))
+
+    student.register_forward_hook(hook, with_kwargs=True)
+    recorder = student.denoiser
+    gen_calls = []
+    for _ in range(12):
+        recorder.calls.clear()
+        d.fake_score_step(0)
+        recorder.calls.clear()
+        d.generator_step()
+        gen_calls.append(list(recorder.calls))
+        d.counters.step += 1
+    assert {j for j, _ in trained} == {0, 1, 2}
+    for (j, out), calls in zip(trained, gen_calls):
+        assert [float(s[0]) for s, _, _ in calls] == list(sigmas[:j + 1])  # steps 0..j, none after
+        assert [grad for _, _, grad in calls] == [False] * j + [True]  # only step j differentiated
+        assert out.requires_grad
+
+
+def test_conditional_labels_reach_student_teacher_and_fake_score():
+    # With weight on classes 0 and 3 only, every network must see those labels, and in the
+    # generator update the teacher and fake score must see the very labels the student got.
+    teacher = Recorder(gmm(conditional=True))
+    fake = Recorder(net(4))
+    student = OneStepStudent(Recorder(net(4)))
+    d = Distiller(teacher, student, fake_score=fake, config=small_config(batch_size=64, num_steps=1),
+                  class_weights=torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    for m in (teacher, fake, student.denoiser):
+        m.calls.clear()
+    d.generator_step()
+    (_, s_labels, s_grad), = student.denoiser.calls
+    (_, t_labels, _), = teacher.calls
+    (_, f_labels, _), = fake.calls
+    assert s_grad and s_labels.shape == (64,) and set(s_labels.tolist()) == {0, 3}
+    assert torch.equal(t_labels, s_labels) and torch.equal(f_labels, s_labels)
+    fake.calls.clear()
+    d.fake_score_step(0)
+    (_, f_labels, f_grad), = fake.calls
+    assert f_grad and set(f_labels.tolist()) == {0, 3}
+
+
 def test_class_weights_select_the_training_labels():
     d = Distiller(gmm(conditional=True), OneStepStudent(net(4)), fake_score=net(4),
                   config=small_config(batch_size=256), class_weights=torch.tensor([0.0, 1.0, 0.0, 3.0]))
-    labels = d._labels(0, d._index(256))
-    assert set(labels.tolist()) == {1, 3}
+    labels = d.draws(0).labels()
+    assert labels.shape == (256,) and set(labels.tolist()) == {1, 3}
     assert 0.15 < (labels == 1).float().mean() < 0.35
 
 
@@ -338,6 +459,18 @@ def test_truncated_checkpoint_is_never_resumed(tmp_path):
                       config=small_config(num_steps=3, generator_lr=5e-4))
     with pytest.raises(CheckpointError, match="generator_lr"):
         other.resume("latest")
+
+
+def test_a_checkpoint_that_does_not_fit_loads_nothing(tmp_path):
+    cfg = small_config(num_steps=1, ema_halflife_steps=2.0)
+    Distiller(gmm(), OneStepStudent(net()), fake_score=net(), out_dir=tmp_path, config=cfg).train()
+    other = Distiller(gmm(), OneStepStudent(net()), fake_score=net(hidden=16), out_dir=tmp_path, config=cfg)
+    before = {k: v.clone() for k, v in other.state_tensors()[0].items() if not k.startswith("rng/")}
+    with pytest.raises(CheckpointError, match=r"the fake_score weights do not fit the model: .*mismatched"):
+        other.resume("latest")
+    after = other.state_tensors()[0]
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # the student was not loaded either
+    assert other.step == 0
 
 
 # --- faults -------------------------------------------------------------------------------------

@@ -150,3 +150,32 @@ def test_load_takes_one_network_out_of_a_training_checkpoint(tmp_path):
         load(ckpt, into=G)  # the default key; this run had no EMA
     with pytest.raises(CheckpointError, match="stores weights, not architectures"):
         load(ckpt, key="student")
+
+
+
+def test_run_checkpoint_entries_and_student_export(tmp_path):
+    from dmdcopy.distill import read_checkpoint, read_entry
+    from dmdcopy.errors import CheckpointError
+    from dmdcopy.io import load, read_metadata
+    from dmdcopy.io.run_checkpoint import FORMAT, export_students
+
+    assert FORMAT == "dmdcopy-distill-checkpoint/1"  # files written before stay readable
+    assert main(["distill", str(write(tmp_path, steps=2, extra="ema_halflife_steps = 1.0")),
+                 "--no-progress"]) == 0
+    ckpt = tmp_path / "out" / "checkpoint-000000002.safetensors"
+    tensors, state = read_checkpoint(ckpt)
+    assert state["step"] == 2 and set(state["optim"]) == {"generator", "fake_score"}
+    for key in ("student", "ema", "fake_score"):
+        entry = read_entry(ckpt, key)
+        assert entry and all(torch.equal(v, tensors[f"{key}/{k}"]) for k, v in entry.items())
+        assert len(entry) == sum(k.startswith(f"{key}/") for k in tensors)
+    with pytest.raises(CheckpointError, match=r"without a 'discriminator' entry; it holds \['ema', "
+                                              r"'fake_score', 'student'\]"):
+        read_entry(ckpt, "discriminator")
+    G = OneStepStudent(EDMPrecond(MLP(2, hidden=16, depth=1)))
+    written, skipped = export_students({"student": G, "student_ema": None}, tmp_path / "exp", step=7)
+    assert written == [tmp_path / "exp" / "student.safetensors"] and skipped == {}
+    z = torch.randn(3, 2)
+    with torch.no_grad():
+        assert torch.equal(load(written[0])(z), G.eval()(z))
+    assert read_metadata(written[0])["dmdcopy.distill.step"] == "7"

@@ -293,25 +293,17 @@ def export_teacher(teacher, out_dir: Path) -> Path:
 
 def export_students(distiller, out_dir: Path) -> list[Path]:
     """Write ``student.safetensors`` (and ``student_ema.safetensors`` when EMA is on) with their
-    architecture, so ``dmdcopy.load`` / ``dmdcopy delta-e --student`` rebuild them.
+    architecture (:func:`dmdcopy.io.run_checkpoint.export_students`), so ``dmdcopy.load`` /
+    ``dmdcopy delta-e --student`` rebuild them.
 
     A student of a class dmdcopy cannot describe (a user's own module) is skipped with a note:
     its weights are in the training checkpoints, to load with ``dmdcopy.load(path, into=...)``.
     """
-    from dmdcopy.errors import CheckpointError
-    from dmdcopy.io import save
+    from dmdcopy.io.run_checkpoint import export_students as export
 
-    written = []
-    meta = {"dmdcopy.distill.step": str(distiller.step)}
-    for name, module in (("student", distiller.student), ("student_ema", distiller.ema_student)):
-        if module is None:
-            continue
-        path = out_dir / f"{name}.safetensors"
-        try:
-            save(module, path, metadata=meta)
-        except CheckpointError as e:
-            print(f"dmdcopy distill: {name} not exported ({e}); its weights are in the checkpoints",
-                  file=sys.stderr)
-            continue
-        written.append(path)
+    written, skipped = export({"student": distiller.student, "student_ema": distiller.ema_student},
+                              out_dir, step=distiller.step)
+    for name, reason in skipped.items():
+        print(f"dmdcopy distill: {name} not exported ({reason}); its weights are in the checkpoints",
+              file=sys.stderr)
     return written

@@ -6,11 +6,11 @@
 """
 
 from dmdcopy.distill.callbacks import DeltaECallback
-from dmdcopy.distill.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from dmdcopy.distill.config import DistillConfig
 from dmdcopy.distill.dist import init_from_env
 from dmdcopy.distill.distiller import Callback, Distiller, FakeScoreRecord, GeneratorRecord
 from dmdcopy.distill.ema import EMA
+from dmdcopy.io.run_checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint, read_entry
 
 __all__ = [
     "EMA",
@@ -24,4 +24,5 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "read_checkpoint",
+    "read_entry",
 ]

@@ -1,147 +1,119 @@
-"""Distillation checkpoints: one safetensors file per checkpoint, written atomically.
+"""What a distillation run saves, registered once: saving and loading iterate the same registry.
 
-A checkpoint ``checkpoint-000012000.safetensors`` holds every tensor of the run state under a
-prefix (``student/``, ``ema/``, ``fake_score/``, ``discriminator/``, ``optim/<name>/<i>/<key>``,
-``rng/...``) and a JSON document in the safetensors metadata (step, counters, optimiser
-hyper-parameters, the config). No pickle: nothing in a checkpoint runs code when read.
-
-Writes go to a temporary file in the same directory, are flushed to disk, then renamed over the
-final name, so a reader sees either no file or a complete one. :func:`latest_checkpoint` still
-validates each candidate (safetensors checks that the data covers the header's offsets) and skips
-a damaged file, e.g. one truncated by a full disk or a copy cut short.
+After EDM2's ``CheckpointIO(state=..., net=..., optimizer=..., ema=...)``: the Distiller builds one
+:class:`RunState` naming every network, optimiser and counter of the run, and both
+:meth:`RunState.state` (for ``save_checkpoint``) and :meth:`RunState.load` (for ``resume``) walk it,
+so an object added to a run is saved and restored by adding it in one place. The file format
+itself (tag, layout, atomic writes, ``read_entry``) belongs to :mod:`dmdcopy.io.run_checkpoint`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from collections.abc import Mapping
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from torch import nn
 
-from dmdcopy._atomic import write_atomic
+from dmdcopy.distill.config import RESUMABLE_CHANGES, DistillConfig
 from dmdcopy.errors import CheckpointError
-from dmdcopy.io.checkpoints import DISTILL_CHECKPOINT_FORMAT
+from dmdcopy.io.run_checkpoint import flatten_optimizer, unflatten_optimizer
+from dmdcopy.io.state import compare_state, load_state_checked
 
-__all__ = [
-    "FORMAT",
-    "checkpoint_name",
-    "flatten_optimizer",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "prune_checkpoints",
-    "read_checkpoint",
-    "unflatten_optimizer",
-    "write_checkpoint",
-]
-
-FORMAT = DISTILL_CHECKPOINT_FORMAT
-_NAME = re.compile(r"^checkpoint-(\d{9})\.safetensors$")
+__all__ = ["Counters", "RunState", "check_resumable"]
 
 
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint-{step:09d}.safetensors"
+@dataclass
+class Counters:
+    """The run's counters (saved in every checkpoint)."""
+
+    step: int = 0                 # training steps done; a step whose updates were skipped counts too
+    generator_updates: int = 0    # generator updates applied (skipped ones excluded)
+    fake_score_updates: int = 0   # fake-score updates applied
+    nonfinite_total: int = 0      # updates skipped for a non-finite loss or gradient
+    nonfinite_in_a_row: dict[str, int] = field(
+        default_factory=lambda: {"generator": 0, "fake_score": 0})  # consecutive skips per kind
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(step=self.step, generator_updates=self.generator_updates,
+                    fake_score_updates=self.fake_score_updates, nonfinite_total=self.nonfinite_total,
+                    nonfinite_in_a_row=dict(self.nonfinite_in_a_row))
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.generator_updates = int(state["generator_updates"])
+        self.fake_score_updates = int(state["fake_score_updates"])
+        self.nonfinite_total = int(state["nonfinite_total"])
+        self.nonfinite_in_a_row = {k: int(v) for k, v in state["nonfinite_in_a_row"].items()}
 
 
-def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                     state: Mapping[str, Any]) -> Path:
-    """Write ``tensors`` and the JSON-able ``state`` to ``path`` atomically (temp file + rename)."""
-    # safetensors wants contiguous CPU tensors that share no memory.
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    meta = {"format": FORMAT, "state": json.dumps(state, allow_nan=True)}
-    return write_atomic(path, lambda tmp: save_file(flat, tmp, metadata=meta))
+class RunState:
+    """The registry of a run's saved objects.
+
+    Args:
+        networks: ``{entry: module}``; a ``None`` module (EMA off, no GAN) is not saved. Weights
+            go under ``<entry>/`` and load through :func:`dmdcopy.io.load_state_checked`.
+        optimizers: ``{name: optimizer}``, saved as ``optim/<name>/...`` tensors and ``optim``
+            JSON.
+        counters: saved in the JSON document.
+        device: the run's device; torch's CPU RNG state is saved, and the CUDA one on a GPU.
+    """
+
+    def __init__(self, *, networks: Mapping[str, nn.Module | None],
+                 optimizers: Mapping[str, torch.optim.Optimizer], counters: Counters,
+                 device: torch.device) -> None:
+        self.networks = {k: m for k, m in networks.items() if m is not None}
+        self.optimizers = dict(optimizers)
+        self.counters = counters
+        self.device = device
+
+    def state(self, **extra: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Flat tensors and a JSON-able document holding every registered object (and ``extra``)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, module in self.networks.items():
+            tensors.update({f"{name}/{k}": v for k, v in module.state_dict().items()})
+        optim = {}
+        for name, opt in self.optimizers.items():
+            t, meta = flatten_optimizer(opt, f"optim/{name}")
+            tensors.update(t)
+            optim[name] = meta
+        tensors["rng/torch_cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        return tensors, {**self.counters.state_dict(), "optim": optim, **extra}
+
+    def load(self, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any], *,
+             source: str = "checkpoint") -> None:
+        """Restore every registered object; nothing is changed if a network does not fit."""
+        parts = {}
+        for name, module in self.networks.items():
+            head = name + "/"
+            parts[name] = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+            report = compare_state(module, parts[name])
+            if not report.ok:
+                raise CheckpointError(f"{source}: the {name} weights do not fit the model: "
+                                      f"{report.summary()}")
+        missing = [n for n in self.optimizers if n not in state.get("optim", {})]
+        if missing or "rng/torch_cpu" not in tensors:
+            raise CheckpointError(f"{source}: incomplete checkpoint (no state for optimiser(s) "
+                                  f"{missing} or no RNG state)")
+        for name, module in self.networks.items():
+            load_state_checked(module, parts[name], strict=True, source=f"{source}: {name}")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(unflatten_optimizer(tensors, state["optim"][name], f"optim/{name}"))
+        torch.set_rng_state(tensors["rng/torch_cpu"])
+        if self.device.type == "cuda" and "rng/cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
+        self.counters.load_state_dict(state)
 
 
-def read_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cpu"
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint; raise :class:`CheckpointError` if it is missing, damaged or foreign."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}")
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise CheckpointError(f"{path} is not a dmdcopy distillation checkpoint "
-                                      f"(format {meta.get('format')!r}, expected {FORMAT!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        state = json.loads(meta["state"])
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own error type for a truncated file
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
-    return tensors, state
-
-
-def _is_valid(path: Path) -> bool:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return meta.get("format") == FORMAT and "state" in meta
-    except Exception:
-        return False
-
-
-def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint-named file in ``directory``, oldest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = []
-    for p in directory.iterdir():
-        m = _NAME.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest checkpoint in ``directory`` that reads back whole; ``None`` if there is none."""
-    for _, p in reversed(list_checkpoints(directory)):
-        if _is_valid(p):
-            return p
-    return None
-
-
-def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints; return the deleted paths."""
-    doomed = [p for _, p in list_checkpoints(directory)[:-keep]] if keep > 0 else []
-    for p in doomed:
-        p.unlink(missing_ok=True)
-    return doomed
-
-
-# --- optimiser state <-> flat tensors + JSON --------------------------------------------------
-
-
-def flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split ``opt.state_dict()`` into tensors named ``{prefix}/{param}/{key}`` and a JSON part."""
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, st in sd["state"].items():
-        for key, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{prefix}/{pid}/{key}"] = v
-            else:
-                scalars.setdefault(str(pid), {})[key] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], prefix: str
-                        ) -> dict[str, Any]:
-    """Inverse of :func:`flatten_optimizer`: a dict for ``opt.load_state_dict``."""
-    state: dict[int, dict[str, Any]] = {}
-    head = prefix + "/"
-    for name, v in tensors.items():
-        if name.startswith(head):
-            pid, key = name[len(head):].split("/", 1)
-            state.setdefault(int(pid), {})[key] = v
-    for pid, kv in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(kv)
-    return {"state": state, "param_groups": meta["param_groups"]}
+def check_resumable(saved: Mapping[str, Any], config: DistillConfig, source: str) -> None:
+    """Refuse a checkpoint written with settings that change what is computed."""
+    now = config.to_dict()
+    changed = sorted(k for k in set(saved) | set(now)
+                     if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if changed:
+        raise CheckpointError(f"{source}: the checkpoint was written with different settings for "
+                              f"{changed}; resume with the same config (only {sorted(RESUMABLE_CHANGES)} "
+                              "may change)")

@@ -41,7 +41,7 @@ class DistillConfig:
     """
 
     # --- run length and batch -------------------------------------------------------------
-    num_steps: int = 400_000          # generator updates (DMD2 ImageNet: 400k iterations)
+    num_steps: int = 400_000          # training steps, each ending in a generator update (DMD2: 400k)
     batch_size: int = 280             # GLOBAL batch; split evenly over processes (DMD2: 40 x 7 GPUs)
     seed: int = 0                     # every draw derives from (seed, step, sub-step, sample index)
 

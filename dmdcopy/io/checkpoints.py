@@ -12,6 +12,7 @@ from torch import nn
 from dmdcopy.errors import CheckpointError
 from dmdcopy.io.architectures import INIT_PREFIX, build_module, init_tensors
 from dmdcopy.io.formats import EDM_PICKLE, SAFETENSORS, detect_format
+from dmdcopy.io.run_checkpoint import is_run_checkpoint, split_entry
 from dmdcopy.io.safetensors_io import read_safetensors, save
 from dmdcopy.io.state import load_state_checked
 
@@ -91,8 +92,13 @@ def load(
     source = f"{path}"
     if fmt == SAFETENSORS:
         state, meta = read_safetensors(path)  # CPU; the module is moved once it is filled
-        if meta.get("format") == DISTILL_CHECKPOINT_FORMAT:
-            state = _distill_entry(path, state, key, into)
+        if is_run_checkpoint(meta):
+            state = split_entry(state, key, source=source)
+            if into is None:
+                raise CheckpointError(
+                    f"{path}: a distillation checkpoint stores weights, not architectures; pass "
+                    f"load(path, into=module, key={key!r}), or load the run's exported "
+                    "student.safetensors / student_ema.safetensors")
         state, init = split_init_tensors(state)
         if into is not None:
             if init:
@@ -125,26 +131,6 @@ def load(
             "or use load_dmd2_checkpoint(path, architecture=...)"
         )
     return load_dmd2_checkpoint(path, into=into, map_location=map_location, strict=strict)
-
-
-# The format tag of dmdcopy.distill checkpoints (that higher floor imports it from here).
-DISTILL_CHECKPOINT_FORMAT = "dmdcopy-distill-checkpoint/1"
-
-
-def _distill_entry(
-    path: str | os.PathLike, state: dict[str, torch.Tensor], key: str, into: nn.Module | None
-) -> dict[str, torch.Tensor]:
-    """The weights of one network (``key``) out of a distillation checkpoint's flat tensors."""
-    entries = sorted({k.split("/", 1)[0] for k in state if "/" in k} - {"optim", "rng"})
-    if key not in entries:
-        raise CheckpointError(f"{path}: a distillation checkpoint without a {key!r} entry; "
-                              f"it holds {entries}: pass key= one of them")
-    if into is None:
-        raise CheckpointError(f"{path}: a distillation checkpoint stores weights, not architectures; "
-                              f"pass load(path, into=module, key={key!r}), or load the run's exported "
-                              "student.safetensors / student_ema.safetensors")
-    prefix = f"{key}/"
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def convert(

@@ -116,15 +116,16 @@ def read_state(
         prefix: keep only keys under it and strip it (``None``: strip a wrapper prefix such as
             ``module.`` that every key of a torch file shares).
     """
-    from dmdcopy.io.checkpoints import DISTILL_CHECKPOINT_FORMAT, _distill_entry, split_init_tensors
+    from dmdcopy.io.checkpoints import split_init_tensors
     from dmdcopy.io.dmd2 import read_torch_state, strip_prefix
+    from dmdcopy.io.run_checkpoint import is_run_checkpoint, split_entry
     from dmdcopy.io.safetensors_io import read_safetensors
 
     fmt = detect_format(path)
     if fmt == SAFETENSORS:
         state, meta = read_safetensors(path)
-        if meta.get("format") == DISTILL_CHECKPOINT_FORMAT:
-            state = _distill_entry(path, state, key, into=nn.Module())  # into: any module, only checked
+        if is_run_checkpoint(meta):
+            state = split_entry(state, key, source=str(path))
         state, init = split_init_tensors(state)
         if init:
             raise CheckpointError(f"{path}: holds an exact teacher of dmdcopy.teachers (constructor tensors "
