@@ -25,6 +25,11 @@ from dmdcopy.schedules import vp_sigma_inv
 __all__ = ["EDMPrecond", "Precond", "VEPrecond", "VPPrecond"]
 
 
+def _param_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the network's first floating-point parameter (``None`` without any)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 class Precond(nn.Module):
     """Base wrapper; subclasses map ``sigma`` to ``(c_skip, c_out, c_in, c_noise)``.
 
@@ -36,7 +41,9 @@ class Precond(nn.Module):
         sigma_min, sigma_max: the range the network supports (informational, used by samplers
             and students as defaults).
         net_dtype: dtype the network runs in (e.g. ``torch.float16``); the skip path and the
-            output stay in float32, as EDM's ``use_fp16``. ``None`` runs in the input's dtype.
+            output stay in the input's precision, as EDM's ``use_fp16``. ``None``: the dtype of the
+            network's parameters (the input's dtype for a network without any), so float64 inputs
+            reach a float32 network as float32 and come back as float64.
     """
 
     def __init__(
@@ -73,7 +80,7 @@ class Precond(nn.Module):
         labels = check_labels(class_labels, x.shape[0], self.label_dim, name)
         sigma = sigma.to(x.dtype)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        net_dtype = self.net_dtype or x.dtype
+        net_dtype = self.net_dtype or _param_dtype(self.model) or x.dtype  # the network's own precision
         x_in = (broadcast(c_in, x) * x).to(net_dtype)
         if labels is not None:
             labels = labels.to(net_dtype)

@@ -176,3 +176,15 @@ def test_mlp_float64():
     D = EDMPrecond(MLP(2, hidden=8, depth=1, emb_dim=4)).double()
     out = D(torch.randn(3, 2, dtype=F64), torch.ones(3, dtype=F64))
     assert out.dtype == F64
+
+
+def test_inputs_of_another_precision_run_in_the_networks_precision():
+    from dmdcopy.nets import MLP
+    from dmdcopy.precond import EDMPrecond
+
+    torch.manual_seed(0)
+    D = EDMPrecond(MLP(3, hidden=16, depth=1))  # float32 weights
+    x, sigma = torch.randn(4, 3, dtype=torch.float64), torch.full((4,), 0.7, dtype=torch.float64)
+    out = D(x, sigma)  # used to fail inside the MLP: float64 input, float32 weights
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, D(x.float(), sigma.float()).double(), rtol=1e-6, atol=1e-6)
