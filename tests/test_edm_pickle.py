@@ -24,6 +24,7 @@ import torch
 from _nets import randomise, small_dhariwal, small_song
 from torch import nn
 
+from dmdcopy._record import constructor_options
 from dmdcopy.errors import CheckpointError
 from dmdcopy.io import load, load_edm_pickle, read_edm_pickle
 from dmdcopy.io.edm_pickle import PickledModule
@@ -207,6 +208,25 @@ def test_record_tree_and_positional_init_args(tmp_path, edm_modules):
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     got = load_edm_pickle(tmp_path / "n.pkl")
     torch.testing.assert_close(outputs(got, 2), outputs(net, 2), rtol=0, atol=0)
+
+
+def test_unet_options_a_pickle_may_set_are_those_dmdcopys_network_records(tmp_path, edm_modules):
+    net = randomise(EDMPrecond(small_song(0)))
+
+    class Pickler(EDMLayoutPickler):  # an EDM fork whose SongUNet takes one more option
+        def reducer_override(self, obj):
+            reduced = super().reducer_override(obj)
+            if isinstance(obj, SongUNet):
+                reduced[1][0]["state"]["_init_kwargs"]["fused_attention"] = True
+            return reduced
+
+    with open(tmp_path / "n.pkl", "wb") as f:
+        Pickler(f, tmp_path / "executed").dump({"ema": net})
+    with pytest.raises(CheckpointError, match=r"SongUNet records options \['fused_attention'\] that dmdcopy"):
+        load_edm_pickle(tmp_path / "n.pkl")
+    # the allow-list is dmdcopy's record of the network, which EDM's options fill exactly
+    recorded = set(read_edm_pickle(tmp_path / "n.pkl").children["model"].init_kwargs)
+    assert recorded - {"fused_attention"} == set(constructor_options(SongUNet)) == set(net.model.init_kwargs)
 
 
 def test_float16_tensors_and_tensor_views(tmp_path, edm_modules):

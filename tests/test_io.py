@@ -20,6 +20,8 @@ from dmdcopy.io import (
     read_metadata,
     save,
 )
+from dmdcopy.io.architectures import check_wrapper_settings, edm_imagenet64_adm
+from dmdcopy.io.dmd2 import dmd2_imagenet64
 from dmdcopy.io.safetensors_io import read_safetensors
 from dmdcopy.nets import MLP
 from dmdcopy.pairs import teacher_fingerprint
@@ -155,6 +157,46 @@ def test_tied_and_view_tensors_are_saved_once_and_restored(tmp_path):
     load(tmp_path / "t.safetensors", into=fresh)
     assert torch.equal(fresh.a.weight, m.a.weight) and fresh.a.weight is fresh.b.weight
     assert torch.equal(fresh.view, torch.arange(2.0, 6.0))
+
+
+def test_wrapper_settings_the_file_records_are_checked_against_the_module_filled(tmp_path):
+    """A state dict does not hold a wrapper's settings; the file's record of them is compared."""
+    def mlp():
+        return MLP(2, hidden=8, depth=1)
+
+    def check(name, module):
+        check_wrapper_settings(module, read_safetensors(tmp_path / name)[1], name)
+
+    same = EDMPrecond(mlp(), sigma_min=0.002, sigma_max=80.0)
+    save(same, tmp_path / "D.safetensors")
+    save(OneStepStudent(same), tmp_path / "G.safetensors")
+    check("D.safetensors", EDMPrecond(mlp(), sigma_min=0.002, sigma_max=80.0))  # the same settings
+    check("G.safetensors", OneStepStudent(EDMPrecond(mlp(), sigma_min=0.002, sigma_max=80.0)))
+    # other weights are not a setting (load_state_checked reports those)
+    check("D.safetensors", EDMPrecond(MLP(2, hidden=16, depth=3), sigma_min=0.002, sigma_max=80.0))
+    differ = [
+        (EDMPrecond(mlp(), sigma_data=1.0, sigma_min=0.002, sigma_max=80.0),
+         ["sigma_data: 0.5 in the file, 1.0 in the module"]),
+        (EDMPrecond(mlp()), ["sigma_min: 0.002 in the file, 0.0 in the module",
+                             "sigma_max: 80.0 in the file, inf in the module"]),
+        (VEPrecond(mlp(), sigma_min=0.002, sigma_max=80.0),
+         ["class: EDMPrecond in the file, VEPrecond in the module", "sigma_data: 0.5 in the file, absent"]),
+    ]
+    for module, fields in differ:
+        with pytest.raises(CheckpointError, match=r"^D\.safetensors records settings that differ") as err:
+            check("D.safetensors", module)
+        assert all(f in str(err.value) for f in fields), str(err.value)
+        with pytest.raises(CheckpointError) as err:  # the same wrapper inside a student
+            check("G.safetensors", OneStepStudent(module, sigma_max=80.0))
+        assert all(f"denoiser.{f}" in str(err.value) for f in fields), str(err.value)
+    with pytest.raises(CheckpointError, match=r": sigma_max: 80.0 in the file, 40.0 in the module;"):
+        check("G.safetensors", OneStepStudent(same, sigma_max=40.0))
+    # nothing recorded to compare: a plain safetensors file; a user's own class is not compared
+    check_wrapper_settings(VEPrecond(mlp()), {"format": "pt"}, "plain.safetensors")
+    save(EDMPrecond(Tied(), sample_shape=(4,), sigma_min=0.002), tmp_path / "U.safetensors")
+    check("U.safetensors", EDMPrecond(Tied(), sample_shape=(4,), sigma_min=0.002))
+    with pytest.raises(CheckpointError, match=r"=: sigma_min: 0.002 in the file, 0.0 in the module; build"):
+        check("U.safetensors", EDMPrecond(Tied(), sample_shape=(4,)))
 
 
 def test_user_network_saves_and_needs_into(tmp_path):
@@ -353,6 +395,18 @@ def test_dmd2_state_dict_into_given_architecture(tmp_path):
     torch.testing.assert_close(outputs(got, 5), outputs(teacher, 5), rtol=0, atol=0)
 
 
+def test_dmd2_imagenet64_is_built_in_one_place():
+    from dmdcopy.cli.convert import _architecture
+
+    with torch.device("meta"):  # 296M parameters, no storage
+        net, cli = dmd2_imagenet64(), _architecture("imagenet64-adm")
+    spec = module_spec(net)
+    assert module_spec(cli) == spec
+    assert spec["class"] == "EDMPrecond" and spec["kwargs"]["sigma_data"] == 0.5
+    assert (spec["kwargs"]["sigma_min"], spec["kwargs"]["sigma_max"]) == (0.0, {"__float__": "inf"})
+    assert spec["children"]["model"] == {"class": "DhariwalUNet", "kwargs": edm_imagenet64_adm(dropout=0.0)}
+
+
 def test_dmd2_critic_file_prefixes(tmp_path):
     real, fake = randomise(EDMPrecond(small_song())), randomise(EDMPrecond(small_song()))
     with torch.no_grad():
@@ -422,3 +476,12 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_load_into_checks_the_recorded_settings(tmp_path):
+    from dmdcopy.students import OneStepStudent
+
+    save(OneStepStudent(EDMPrecond(MLP(2, hidden=8, depth=1))), tmp_path / "a.safetensors")
+    other = OneStepStudent(EDMPrecond(MLP(2, hidden=8, depth=1), sigma_data=1.0))
+    with pytest.raises(CheckpointError, match=r"denoiser\.sigma_data: 0\.5 in the file, 1\.0 in the module"):
+        load(tmp_path / "a.safetensors", into=other)

@@ -6,12 +6,14 @@ of ``EDMPrecond(img_resolution=16, img_channels=3, ...)`` for the configurations
 EDM's networks was verified outside the repository (see docs/networks.md).
 """
 
+import inspect
 import json
 import math
 
 import pytest
 import torch
 
+from dmdcopy._record import constructor_options
 from dmdcopy.errors import ConfigError, ShapeError
 from dmdcopy.nets.layers import Conv2d, PositionalEmbedding, UNetBlock, weight_init
 from dmdcopy.nets.unet import DhariwalUNet, SongUNet
@@ -474,6 +476,23 @@ def test_init_kwargs_are_json_and_rebuild_the_same_architecture(cls, options):
     assert _state_shapes(rebuilt) == _state_shapes(net)
     rebuilt.load_state_dict(net.state_dict(), strict=True)
     assert net.sample_shape == (3, 16, 16) and net.label_dim == 10
+
+
+@pytest.mark.parametrize(("cls", "options"), [(SongUNet, SONG_NCSNPP), (DhariwalUNet, ADM)])
+def test_init_kwargs_are_the_constructor_call_bound_to_its_signature(cls, options):
+    """One record: every option of the signature, in its order, positional arguments by name."""
+    positional = [options[k] for k in ("img_resolution", "in_channels", "out_channels")]
+    rest = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k not in
+            ("img_resolution", "in_channels", "out_channels")}
+    net = cls(*positional, **rest)
+    assert tuple(net.init_kwargs) == constructor_options(cls) == tuple(inspect.signature(cls).parameters)
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items() if k not in options}
+    assert defaults and all(net.init_kwargs[k] == (list(v) if isinstance(v, tuple) else v)
+                            for k, v in defaults.items())
+    assert all(net.init_kwargs[k] == v for k, v in options.items())  # tuples came back as lists
+    assert cls(**net.init_kwargs).init_kwargs == net.init_kwargs
+    # the values take the annotated types, so the record is JSON whatever the caller passed
+    assert type(cls(**dict(options, dropout=0)).init_kwargs["dropout"]) is float
 
 
 @pytest.mark.parametrize(("cls", "options"), [(SongUNet, SONG_DDPMPP), (DhariwalUNet, ADM)])

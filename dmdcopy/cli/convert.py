@@ -30,12 +30,10 @@ _ARCHES = ("imagenet64-adm",)
 def _architecture(name: str | None):
     if name is None:
         return None
-    from dmdcopy.io import edm_imagenet64_adm
-    from dmdcopy.nets.unet import DhariwalUNet
-    from dmdcopy.precond import EDMPrecond
+    from dmdcopy.io.dmd2 import dmd2_imagenet64
 
     if name == "imagenet64-adm":
-        return EDMPrecond(DhariwalUNet(**edm_imagenet64_adm(dropout=0.0)), sigma_data=0.5)
+        return dmd2_imagenet64()
     raise AssertionError(name)  # checked in run()
 
 

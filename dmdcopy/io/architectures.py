@@ -23,19 +23,22 @@ the state dict under the key prefix :data:`INIT_PREFIX` and named in the spec's 
 from __future__ import annotations
 
 import importlib
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from dmdcopy._record import constructor_options
 from dmdcopy.errors import CheckpointError, ConfigError
 
 __all__ = [
     "INIT_PREFIX",
     "build_module",
+    "check_wrapper_settings",
     "decode_kwargs",
     "edm_imagenet64_adm",
     "encode_kwargs",
@@ -48,24 +51,17 @@ INIT_PREFIX = "dmdcopy.init/"
 
 
 def _precond_kwargs(module: nn.Module) -> dict[str, Any]:
-    # Precond's constructor options are all kept as attributes of the same name.
-    kwargs = dict(
-        label_dim=module.label_dim,
-        sample_shape=module.sample_shape,
-        sigma_min=module.sigma_min,
-        sigma_max=module.sigma_max,
-        net_dtype=module.net_dtype,
-    )
-    for name in ("sigma_data", "beta_d", "beta_min", "M"):  # the subclasses' own options
-        if hasattr(module, name):
-            kwargs[name] = getattr(module, name)
-    return kwargs
+    # A wrapper keeps each constructor option as an attribute of the same name; an option it
+    # does not keep (VPPrecond's epsilon_t) only set the default of one it keeps (sigma_min).
+    names = constructor_options(type(module))
+    return {name: getattr(module, name) for name in names if name != "model" and hasattr(module, name)}
 
 
 def _init_kwargs(module: nn.Module) -> dict[str, Any]:
     kwargs = getattr(module, "init_kwargs", None)
     if not isinstance(kwargs, dict):
-        raise ConfigError(f"{type(module).__name__} does not record its constructor options in init_kwargs")
+        raise ConfigError(f"{type(module).__name__} does not record its constructor options in init_kwargs "
+                          "(decorate the class with dmdcopy._record.records_init_kwargs)")
     return dict(kwargs)
 
 
@@ -312,6 +308,81 @@ def _build(spec: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str) 
         return cls(*args, **kwargs, **init)
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # ConfigError is a ValueError too
         raise CheckpointError(f"cannot build {entry.name} from the recorded options {kwargs}: {e}") from e
+
+
+# Settings of a wrapper (and of a student or an exact teacher) that a state dict does not carry:
+# two modules with the same weights and different settings are different denoisers.
+_WRAPPER_SETTINGS = ("sigma_data", "sigma_min", "sigma_max")
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        a, b = float(a), float(b)
+    except (TypeError, ValueError):
+        return a == b
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _setting_differences(spec: dict[str, Any], module: nn.Module, where: str) -> list[str]:
+    """``"<where>field: <in file> in the file, <in module> in the module"`` for every difference."""
+    if spec.get("class") is None:  # a user's class: its options are not recorded
+        return []
+    kwargs = decode_kwargs(spec.get("kwargs", {}))
+    out = []
+    if any(name in kwargs for name in _WRAPPER_SETTINGS):
+        cls = next((_resolve(e) for e in _ARCHITECTURES if e.name == spec["class"]), None)
+        if not (isinstance(module, cls) if cls is not None else type(module).__name__ == spec["class"]):
+            out.append(f"{where}class: {spec['class']} in the file, {type(module).__name__} in the module")
+        for name in _WRAPPER_SETTINGS:
+            if name in kwargs:
+                own = getattr(module, name, "absent")
+                if not _same(kwargs[name], own):
+                    out.append(f"{where}{name}: {kwargs[name]} in the file, {own} in the module")
+    for name, child in spec.get("children", {}).items():
+        sub = getattr(module, name, None)
+        if isinstance(child, dict) and isinstance(sub, nn.Module):
+            out += _setting_differences(child, sub, f"{where}{name}.")
+    return out
+
+
+def check_wrapper_settings(
+    module: nn.Module, metadata: Mapping[str, str], source: str = "checkpoint"
+) -> None:
+    """Raise CheckpointError when the settings a file records differ from those of ``module``.
+
+    ``metadata``: the safetensors metadata of the file whose weights go into ``module``
+    (``load(path, into=module)``). For the recorded module and every submodule it was built from
+    (the ``EDMPrecond`` inside a ``OneStepStudent``) that has such settings (a wrapper, a student,
+    an exact teacher), the class and ``sigma_data``, ``sigma_min``, ``sigma_max`` are compared. A
+    state dict does not hold them, so a file of ``EDMPrecond(net)`` would otherwise fill a
+    ``VEPrecond(net)`` or an ``EDMPrecond(net, sigma_data=1.0)`` without a word. A file without a
+    recorded architecture (a plain safetensors file, a distillation checkpoint) is not checked,
+    nor a part of it recorded as the user's own class (its options are not recorded).
+
+    >>> from dmdcopy.nets import MLP
+    >>> from dmdcopy.precond import EDMPrecond
+    >>> meta = {"dmdcopy.architecture": json.dumps(module_spec(EDMPrecond(MLP(2, hidden=8, depth=1))))}
+    >>> other = EDMPrecond(MLP(2, hidden=8, depth=1), sigma_data=1.0)
+    >>> try:
+    ...     check_wrapper_settings(other, meta, "net.safetensors")
+    ... except CheckpointError as e:
+    ...     print(str(e).split("into=: ")[1].split(";")[0])
+    sigma_data: 0.5 in the file, 1.0 in the module
+    """
+    if "dmdcopy.architecture" not in metadata:
+        return
+    try:
+        spec = json.loads(metadata["dmdcopy.architecture"])
+    except ValueError as e:
+        raise CheckpointError(f"{source}: corrupt dmdcopy.architecture metadata: {e}") from e
+    _check_spec(spec)
+    differences = _setting_differences(spec, module, "")
+    if differences:
+        raise CheckpointError(
+            f"{source} records settings that differ from those of the module passed as into=: "
+            f"{'; '.join(differences)}; build the module with the file's settings, or load the file "
+            "without into= to rebuild it as saved"
+        )
 
 
 def edm_imagenet64_adm(*, dropout: float = 0.10, label_dropout: float = 0.0) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dmdcopy.errors import CheckpointError
-from dmdcopy.io.architectures import INIT_PREFIX, build_module, init_tensors
+from dmdcopy.io.architectures import INIT_PREFIX, build_module, check_wrapper_settings, init_tensors
 from dmdcopy.io.formats import EDM_PICKLE, SAFETENSORS, detect_format
 from dmdcopy.io.run_checkpoint import is_run_checkpoint, split_entry
 from dmdcopy.io.safetensors_io import read_safetensors, save
@@ -101,6 +101,7 @@ def load(
                     "student.safetensors / student_ema.safetensors")
         state, init = split_init_tensors(state)
         if into is not None:
+            check_wrapper_settings(into, meta, source)
             if init:
                 _check_init_tensors(into, init, source)
             load_state_checked(into, state, strict=strict, source=source)

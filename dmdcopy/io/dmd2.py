@@ -1,8 +1,9 @@
 """DMD2 checkpoints and other ``torch.save`` state dicts, read with ``weights_only=True``.
 
 DMD2's released ImageNet-64 students are ``pytorch_model.bin`` files holding the state dict of
-EDM's ``EDMPrecond`` around a ``DhariwalUNet`` (:func:`~dmdcopy.io.edm_imagenet64_adm`, dropout
-0): keys ``model.enc.64x64_conv.weight``, ... with no prefix, as dmdcopy's ``EDMPrecond``.
+EDM's ``EDMPrecond`` around a ``DhariwalUNet`` (:func:`dmd2_imagenet64`, the one place this
+network is built): keys ``model.enc.64x64_conv.weight``, ... with no prefix, as dmdcopy's
+``EDMPrecond``.
 Its critic file ``pytorch_model_1.bin`` holds the whole guidance module: the frozen teacher
 under ``real_unet.``, the fake score under ``fake_unet.`` and the GAN head under
 ``cls_pred_branch.``; pass ``prefix="fake_unet."`` (or ``"real_unet."``) to take one network out.
@@ -21,7 +22,7 @@ from dmdcopy.errors import CheckpointError
 from dmdcopy.io.formats import TORCH_LEGACY, TORCH_ZIP, detect_format
 from dmdcopy.io.state import load_state_checked
 
-__all__ = ["load_dmd2_checkpoint", "read_torch_state", "strip_prefix"]
+__all__ = ["dmd2_imagenet64", "load_dmd2_checkpoint", "read_torch_state", "strip_prefix"]
 
 # Wrappers whose prefix is removed automatically when every key carries it.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "feedforward_model.")
@@ -65,7 +66,12 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str | None) -> dict[str
     return picked
 
 
-def _default_architecture() -> nn.Module:
+def dmd2_imagenet64() -> nn.Module:
+    """DMD2's ImageNet-64 network, freshly initialised (its generator and both critic networks).
+
+    ``EDMPrecond(DhariwalUNet(**edm_imagenet64_adm(dropout=0)))``: EDM's class-conditional ADM
+    network with dropout 0, ``sigma_data`` 0.5 and the sigma range (0, inf) of EDM's wrapper.
+    """
     from dmdcopy.io.architectures import edm_imagenet64_adm
     from dmdcopy.nets.unet import DhariwalUNet
     from dmdcopy.precond import EDMPrecond
@@ -87,7 +93,7 @@ def load_dmd2_checkpoint(
     Args:
         path: e.g. DMD2's ``pytorch_model.bin``.
         architecture / into: the module to fill (same thing, two names). Default: DMD2's
-            ImageNet-64 generator, ``EDMPrecond(DhariwalUNet(**edm_imagenet64_adm(dropout=0)))``.
+            ImageNet-64 generator, :func:`dmd2_imagenet64`.
         prefix: keep only keys under it and strip it (``"fake_unet."`` for DMD2's critic file);
             ``None`` strips ``module.``/``_orig_mod.``/``feedforward_model.`` when every key has it.
         map_location: device the tensors are read to.
@@ -107,6 +113,6 @@ def load_dmd2_checkpoint(
                 f"{path}: keys are not those of an EDMPrecond (top-level prefixes {heads}); "
                 "pick one network with prefix=..., e.g. prefix='fake_unet.' for DMD2's critic"
             )
-        module = _default_architecture()
+        module = dmd2_imagenet64()
     load_state_checked(module, state, strict=strict, source=str(path))
     return module

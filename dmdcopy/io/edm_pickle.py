@@ -39,14 +39,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.serialization import MAGIC_NUMBER  # the legacy torch.save stream's first pickle
 
+from dmdcopy._record import constructor_options
 from dmdcopy.errors import CheckpointError
 from dmdcopy.io.formats import EDM_PICKLE, detect_format
 from dmdcopy.io.state import load_state_checked
 
 __all__ = ["PickledModule", "load_edm_pickle", "read_edm_pickle"]
 
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _EDM_PERSISTENCE_VERSION = 6
 
 # Modules whose classes may appear by reference; each becomes an inert placeholder.
@@ -171,7 +172,7 @@ def _load_from_bytes(data: Any) -> torch.Tensor:
     if not isinstance(data, (bytes, bytearray)):
         raise pickle.UnpicklingError("tensor storage is not bytes")
     f = io.BytesIO(data)
-    if _PlainUnpickler(f).load() != _LEGACY_MAGIC:
+    if _PlainUnpickler(f).load() != MAGIC_NUMBER:
         raise pickle.UnpicklingError("tensor storage without torch's magic number")
     _PlainUnpickler(f).load()  # protocol version
     sys_info = _PlainUnpickler(f).load()
@@ -435,8 +436,10 @@ def read_edm_pickle(path: str | os.PathLike, *, key: str | None = "ema") -> Pick
 
 # ----------------------------------------------------------------------------- EDM -> dmdcopy
 
-# EDM's constructor signatures (positional order), to name positional _init_args.
-_EDM_SIGNATURES = {
+# EDM's wrapper signatures (positional order), to name positional _init_args. EDM's networks take
+# the options of dmdcopy's SongUNet / DhariwalUNet, in the same order: those are read from
+# dmdcopy's classes (dmdcopy._record.constructor_options), the one record of them.
+_EDM_PRECOND_SIGNATURES = {
     "EDMPrecond": (
         "img_resolution",
         "img_channels",
@@ -467,45 +470,8 @@ _EDM_SIGNATURES = {
         "sigma_max",
         "model_type",
     ),
-    "SongUNet": (
-        "img_resolution",
-        "in_channels",
-        "out_channels",
-        "label_dim",
-        "augment_dim",
-        "model_channels",
-        "channel_mult",
-        "channel_mult_emb",
-        "num_blocks",
-        "attn_resolutions",
-        "dropout",
-        "label_dropout",
-        "embedding_type",
-        "channel_mult_noise",
-        "encoder_type",
-        "decoder_type",
-        "resample_filter",
-    ),
-    "DhariwalUNet": (
-        "img_resolution",
-        "in_channels",
-        "out_channels",
-        "label_dim",
-        "augment_dim",
-        "model_channels",
-        "channel_mult",
-        "channel_mult_emb",
-        "num_blocks",
-        "attn_resolutions",
-        "dropout",
-        "label_dropout",
-    ),
 }
-_PRECOND_OPTIONS = {
-    "EDMPrecond": ("sigma_min", "sigma_max", "sigma_data"),
-    "VPPrecond": ("beta_d", "beta_min", "M", "epsilon_t"),
-    "VEPrecond": ("sigma_min", "sigma_max"),
-}
+_EDM_NETWORKS = ("SongUNet", "DhariwalUNet")
 _PRECOND_DEFAULTS = {
     "label_dim": 0,
     "use_fp16": False,
@@ -519,12 +485,32 @@ _PRECOND_DEFAULTS = {
 }
 
 
+def _network_class(name: str) -> type:
+    from dmdcopy.nets import unet
+
+    return getattr(unet, name)
+
+
+def _signature(class_name: str) -> tuple[str, ...]:
+    if class_name in _EDM_PRECOND_SIGNATURES:
+        return _EDM_PRECOND_SIGNATURES[class_name]
+    return constructor_options(_network_class(class_name))
+
+
 def _options(record: PickledModule) -> dict[str, Any]:
     """Constructor options: positional args named by EDM's signature, then kwargs."""
-    names = _EDM_SIGNATURES[record.class_name]
+    names = _signature(record.class_name)
     if len(record.init_args) > len(names):
         raise CheckpointError(f"{record.class_name} recorded {len(record.init_args)} positional arguments")
     return {**dict(zip(names, record.init_args)), **_plain(record.init_kwargs)}
+
+
+def _precond_options(class_name: str) -> tuple[str, ...]:
+    """The options EDM's wrapper and dmdcopy's share by name (``label_dim`` is passed apart)."""
+    from dmdcopy import precond
+
+    ours = constructor_options(getattr(precond, class_name))
+    return tuple(n for n in _EDM_PRECOND_SIGNATURES[class_name] if n in ours and n != "label_dim")
 
 
 def _plain(value: Any) -> Any:
@@ -541,27 +527,31 @@ def _plain(value: Any) -> Any:
 
 
 def _build_unet(record: PickledModule) -> nn.Module:
-    from dmdcopy.nets import unet
-
-    cls = getattr(unet, record.class_name)
-    try:
-        return cls(**_options(record))
-    except TypeError as e:
+    cls = _network_class(record.class_name)
+    options = _options(record)
+    allowed = constructor_options(cls)  # what a file may set: the options dmdcopy's network records
+    unknown = [name for name in options if name not in allowed]
+    if unknown:
         raise CheckpointError(
-            f"cannot build {record.class_name} from EDM's options {_options(record)}: {e}"
-        ) from e
+            f"EDM's {record.class_name} records options {unknown} that dmdcopy's {record.class_name} "
+            f"does not take (it takes {list(allowed)})"
+        )
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise CheckpointError(f"cannot build {record.class_name} from EDM's options {options}: {e}") from e
 
 
 def _build(record: PickledModule, net_dtype: torch.dtype | None) -> nn.Module:
     from dmdcopy import precond
 
-    if record.class_name not in _PRECOND_OPTIONS:
+    if record.class_name not in _EDM_PRECOND_SIGNATURES:
         raise CheckpointError(
             f"the pickled network is an EDM {record.class_name}; dmdcopy rebuilds EDMPrecond, VPPrecond and "
             "VEPrecond; for others build the module and use load(path, into=module)"
         )
     model = record.children.get("model")
-    if model is None or model.class_name not in ("SongUNet", "DhariwalUNet"):
+    if model is None or model.class_name not in _EDM_NETWORKS:
         found = None if model is None else model.class_name
         raise CheckpointError(
             f"{record.class_name}.model is {found}; dmdcopy rebuilds SongUNet and DhariwalUNet; "
@@ -569,7 +559,7 @@ def _build(record: PickledModule, net_dtype: torch.dtype | None) -> nn.Module:
         )
     # EDM keeps every option as an attribute too; those win over the recorded constructor call.
     opts = {**_PRECOND_DEFAULTS, **_options(record), **record.attributes}
-    kwargs = {name: opts[name] for name in _PRECOND_OPTIONS[record.class_name]}
+    kwargs = {name: opts[name] for name in _precond_options(record.class_name)}
     cls = getattr(precond, record.class_name)
     shape = (int(opts["img_channels"]), int(opts["img_resolution"]), int(opts["img_resolution"]))
     return cls(

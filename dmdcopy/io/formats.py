@@ -8,6 +8,8 @@ import struct
 import zipfile
 from pathlib import Path
 
+from torch.serialization import MAGIC_NUMBER
+
 from dmdcopy.errors import CheckpointError
 
 __all__ = ["EDM_PICKLE", "SAFETENSORS", "TORCH_LEGACY", "TORCH_ZIP", "detect_format"]
@@ -18,7 +20,7 @@ TORCH_ZIP = "torch-zip"  # torch.save (zip container, torch >= 1.6): DMD2's pyto
 TORCH_LEGACY = "torch-legacy"  # torch.save(_use_new_zipfile_serialization=False)
 
 # torch.save's legacy format starts with a pickled magic number (a 10-byte LONG1).
-_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
 
 _EXPECTED = (
     "expected a dmdcopy .safetensors file, an EDM network pickle (.pkl) "

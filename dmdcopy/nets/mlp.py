@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dmdcopy._checks import check_sample_shape
+from dmdcopy._record import records_init_kwargs
 from dmdcopy.errors import ShapeError
 
 __all__ = ["MLP", "FourierEmbedding"]
@@ -26,6 +27,7 @@ class FourierEmbedding(nn.Module):
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
+@records_init_kwargs
 class MLP(nn.Module):
     """Residual MLP ``F(x_in, c_noise, class_labels) -> (B, dim)`` for vectors ``x_in: (B, dim)``.
 
@@ -56,10 +58,6 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.init_kwargs = dict(
-            dim=dim, hidden=hidden, depth=depth, emb_dim=emb_dim, label_dim=label_dim,
-            dropout=dropout,
-        )
         self.dim, self.label_dim = int(dim), int(label_dim)
         self.sample_shape = (self.dim,)
         self.map_noise = FourierEmbedding(emb_dim)

@@ -14,7 +14,8 @@ behind a preconditioning wrapper to get a denoiser::
     >>> D(torch.randn(2, 3, 8, 8), torch.full((2,), 1.0)).shape
     torch.Size([2, 3, 8, 8])
 
-Each network records its options in ``init_kwargs`` (a JSON-able dict; ``type(net)(**net.init_kwargs)``
+Each network records its options in ``init_kwargs`` (a JSON-able dict bound from the constructor's
+signature by :func:`~dmdcopy._record.records_init_kwargs`; ``type(net)(**net.init_kwargs)``
 rebuilds it) and exposes ``label_dim`` and ``sample_shape = (in_channels, img_resolution,
 img_resolution)``, which the wrappers read. Set ``net.gradient_checkpointing = True`` to recompute
 block activations in the backward pass (less memory, more compute; a runtime switch, not an
@@ -32,6 +33,7 @@ from torch import nn
 from torch.nn.functional import silu
 from torch.utils.checkpoint import checkpoint
 
+from dmdcopy._record import records_init_kwargs
 from dmdcopy.errors import ConfigError, ShapeError
 from dmdcopy.nets.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
 
@@ -120,6 +122,7 @@ class _UNetBase(nn.Module):
         return block(x, emb)
 
 
+@records_init_kwargs
 class SongUNet(_UNetBase):
     """DDPM++ / NCSN++ UNet (Song et al. 2021, as reimplemented in EDM).
 
@@ -182,16 +185,6 @@ class SongUNet(_UNetBase):
             channel_mult_emb=channel_mult_emb, channel_mult_noise=channel_mult_noise,
         )
         super().__init__()
-        self.init_kwargs = dict(
-            img_resolution=int(img_resolution), in_channels=int(in_channels),
-            out_channels=int(out_channels), label_dim=int(label_dim), augment_dim=int(augment_dim),
-            model_channels=int(model_channels), channel_mult=[int(m) for m in channel_mult],
-            channel_mult_emb=int(channel_mult_emb), num_blocks=int(num_blocks),
-            attn_resolutions=[int(r) for r in attn_resolutions], dropout=float(dropout),
-            label_dropout=float(label_dropout), embedding_type=embedding_type,
-            channel_mult_noise=int(channel_mult_noise), encoder_type=encoder_type,
-            decoder_type=decoder_type, resample_filter=[float(t) for t in resample_filter],
-        )
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
         self.label_dim, self.augment_dim = int(label_dim), int(augment_dim)
         self.sample_shape = (in_channels, img_resolution, img_resolution)
@@ -331,6 +324,7 @@ class SongUNet(_UNetBase):
         return out
 
 
+@records_init_kwargs
 class DhariwalUNet(_UNetBase):
     """ADM UNet (Dhariwal & Nichol 2021, as reimplemented in EDM).
 
@@ -365,14 +359,6 @@ class DhariwalUNet(_UNetBase):
             channel_mult_emb=channel_mult_emb,
         )
         super().__init__()
-        self.init_kwargs = dict(
-            img_resolution=int(img_resolution), in_channels=int(in_channels),
-            out_channels=int(out_channels), label_dim=int(label_dim), augment_dim=int(augment_dim),
-            model_channels=int(model_channels), channel_mult=[int(m) for m in channel_mult],
-            channel_mult_emb=int(channel_mult_emb), num_blocks=int(num_blocks),
-            attn_resolutions=[int(r) for r in attn_resolutions], dropout=float(dropout),
-            label_dropout=float(label_dropout),
-        )
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
         self.label_dim, self.augment_dim = int(label_dim), int(augment_dim)
         self.sample_shape = (in_channels, img_resolution, img_resolution)
