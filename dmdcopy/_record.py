@@ -58,6 +58,8 @@ def _plain(value: Any, hint: Any) -> Any:
     args = typing.get_args(hint)
     if origin is collections.abc.Sequence and len(args) == 1 and args[0] in (int, float, str):
         return [args[0](v) for v in value]
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] in (int, float, str):
+        return [args[0](v) for v in value]  # tuple[int, ...]: recorded as JSON has it, a list
     return value
 
 

@@ -485,3 +485,15 @@ def test_load_into_checks_the_recorded_settings(tmp_path):
     other = OneStepStudent(EDMPrecond(MLP(2, hidden=8, depth=1), sigma_data=1.0))
     with pytest.raises(CheckpointError, match=r"denoiser\.sigma_data: 0\.5 in the file, 1\.0 in the module"):
         load(tmp_path / "a.safetensors", into=other)
+
+
+def test_image_mlp_round_trips_by_its_recorded_architecture(tmp_path):
+    from dmdcopy.nets import ImageMLP
+
+    torch.manual_seed(0)
+    D = EDMPrecond(ImageMLP((1, 8, 8), hidden=16, depth=1, label_dim=3))
+    save(D, tmp_path / "d.safetensors")
+    E = load(tmp_path / "d.safetensors")
+    assert type(E.model) is ImageMLP and E.model.init_kwargs == D.model.init_kwargs
+    x, sigma, y = torch.randn(2, 1, 8, 8), torch.ones(2), torch.tensor([0, 2])
+    assert torch.equal(D(x, sigma, class_labels=y), E(x, sigma, class_labels=y))

@@ -139,6 +139,7 @@ _ARCHITECTURES: tuple[_Entry, ...] = (
     _Entry("dmdcopy.precond", "VEPrecond", _precond_kwargs, ("model",)),
     _Entry("dmdcopy.precond", "VPPrecond", _precond_kwargs, ("model",)),
     _Entry("dmdcopy.nets.mlp", "MLP", _init_kwargs),
+    _Entry("dmdcopy.nets.image_mlp", "ImageMLP", _init_kwargs),
     _Entry("dmdcopy.nets.unet", "SongUNet", _init_kwargs),
     _Entry("dmdcopy.nets.unet", "DhariwalUNet", _init_kwargs),
     _Entry("dmdcopy.students", "OneStepStudent", _one_step_kwargs, ("denoiser",)),

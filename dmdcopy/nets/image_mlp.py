@@ -7,11 +7,13 @@ import math
 import torch
 from torch import nn
 
+from dmdcopy._record import records_init_kwargs
 from dmdcopy.nets.mlp import MLP
 
 __all__ = ["ImageMLP"]
 
 
+@records_init_kwargs
 class ImageMLP(nn.Module):
     """:class:`dmdcopy.nets.MLP` on flattened images: ``x: (B, C, H, W) -> (B, C, H, W)``.
 
@@ -23,8 +25,6 @@ class ImageMLP(nn.Module):
     def __init__(self, sample_shape: tuple[int, ...], hidden: int = 256, depth: int = 3,
                  emb_dim: int = 64, label_dim: int = 0) -> None:
         super().__init__()
-        self.init_kwargs = dict(sample_shape=tuple(sample_shape), hidden=hidden, depth=depth, emb_dim=emb_dim,
-                                label_dim=label_dim)
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.label_dim = int(label_dim)
         self.mlp = MLP(math.prod(self.sample_shape), hidden=hidden, depth=depth, emb_dim=emb_dim,

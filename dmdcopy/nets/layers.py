@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from einops import rearrange
 from torch import nn
 from torch.nn.functional import silu
 
@@ -282,10 +283,10 @@ class UNetBlock(nn.Module):
         EDM's ``qkv`` layout: output channel ``3 * c + i`` of head ``n`` (``C / heads`` channels per
         head, ``i`` = 0, 1, 2 for q, k, v) sits at ``n * 3 C / heads + 3 * c + i``.
         """
-        B, C, H, W = x.shape
-        qkv = self.qkv(x).reshape(B * self.num_heads, C // self.num_heads, 3, H * W)
+        qkv = rearrange(self.qkv(x), "b (heads c three) h w -> (b heads) c three (h w)",
+                        heads=self.num_heads, three=3)
         q, k, v = qkv.unbind(2)  # each (B * heads, C / heads, H * W)
         logits = torch.einsum("ncq,nck->nqk", q.float(), k.float()) / math.sqrt(k.shape[1])
         weights = logits.softmax(dim=2).to(x.dtype)  # (B * heads, HW_query, HW_key)
         out = torch.einsum("nqk,nck->ncq", weights, v)
-        return out.reshape(B, C, H, W)
+        return rearrange(out, "(b heads) c (h w) -> b (heads c) h w", heads=self.num_heads, h=x.shape[2])
