@@ -43,10 +43,9 @@ def make_nets(kind: str, device: torch.device):
     if kind == "mlp":
         teacher = EDMPrecond(MLP(2, hidden=256, depth=3))
     elif kind == "imagenet64":
-        from dmdcopy.io import edm_imagenet64_adm
-        from dmdcopy.nets.unet import DhariwalUNet
+        from dmdcopy.io.dmd2 import dmd2_imagenet64
 
-        teacher = EDMPrecond(DhariwalUNet(**edm_imagenet64_adm(dropout=0.0)))
+        teacher = dmd2_imagenet64()  # EDM's ImageNet-64 ADM as DMD2 distils it (dropout 0)
     else:
         from dmdcopy.nets.unet import SongUNet
 
