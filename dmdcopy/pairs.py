@@ -16,6 +16,9 @@ initialised) rank ``r`` of ``W`` computes shards ``r, r + W, ...``. Noise comes 
 :func:`dmdcopy.noise.noise_for_seeds`, so a pair does not depend on the batch, device or rank.
 
 The same store feeds Delta E (:mod:`dmdcopy.metrics`) and the distiller's regression loss.
+
+(About 540 lines: the store's format, its reader and its resumable, locked writer are one file
+format and change together.)
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ network-with-preconditioning anywhere. Parameters live in buffers, so ``.to(devi
 
 Posterior quantities are computed in float64 (``compute_dtype`` for the empirical teacher) and
 returned in the dtype of ``x``; mixture posteriors use log-sum-exp so they stay exact at tiny sigma.
+
+(About 460 lines: three exact teachers, each a closed form with its own checks; they share the
+base class and its input checks.)
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ The restricted unpickler maps every global the file names to an object of this m
 checked rebuild function, a dtype, a container type, or an inert placeholder for EDM's and
 ``torch.nn``'s classes. Any other global (``os.system``, ``builtins.eval``, ...) is refused with
 :class:`~dmdcopy.errors.CheckpointError` before anything is called.
+
+(About 600 lines: the restricted unpickler, its allow-list and the rebuild of EDM's objects are
+one security boundary; splitting it would spread what may execute over several files.)
 """
 
 from __future__ import annotations

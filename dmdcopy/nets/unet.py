@@ -21,6 +21,9 @@ img_resolution)``, which the wrappers read. Set ``net.gradient_checkpointing = T
 block activations in the backward pass (less memory, more compute; a runtime switch, not an
 architecture option). Half precision is the wrapper's job (``net_dtype=``, EDM's ``use_fp16``):
 the layers cast their float32 parameters to the input's dtype.
+
+(About 460 lines: the two EDM networks, kept parameter-name-compatible with EDM's code and
+compared with it line by line, so they stay side by side as EDM has them.)
 """
 
 from __future__ import annotations
