@@ -1,6 +1,6 @@
 """The library's own errors: one base class, and subclasses that keep the builtin they refine."""
 
-__all__ = ["CheckpointError", "ConfigError", "DmdcopyError", "NonFiniteError", "ShapeError"]
+__all__ = ["CheckpointError", "ConfigError", "DmdcopyError", "NonFiniteError", "RunInterrupted", "ShapeError"]
 
 
 class DmdcopyError(Exception):
@@ -21,3 +21,14 @@ class CheckpointError(DmdcopyError, ValueError):
 
 class NonFiniteError(DmdcopyError, FloatingPointError):
     """Training produced non-finite values too many times in a row."""
+
+
+class RunInterrupted(DmdcopyError):
+    """A run stopped on SIGINT / SIGTERM after finishing its step (and writing a checkpoint).
+
+    ``signum`` is the signal's number (a CLI exits with ``128 + signum``), ``step`` the steps done.
+    """
+
+    def __init__(self, message: str, *, signum: int, step: int) -> None:
+        super().__init__(message)
+        self.signum, self.step = signum, step

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from dmdcopy.errors import DmdcopyError
+from dmdcopy.errors import DmdcopyError, RunInterrupted
 
 __all__ = ["main"]
 
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except RunInterrupted as e:  # a run stopped cleanly on SIGINT / SIGTERM: 130 / 143
+        print(f"dmdcopy {args.command}: stopped by {e}", file=sys.stderr)
+        return 128 + e.signum
     except DmdcopyError as e:
         # Our own errors are the user's to fix: one line, no traceback.
         print(f"dmdcopy {args.command}: error: {e}", file=sys.stderr)

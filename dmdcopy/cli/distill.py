@@ -1,4 +1,4 @@
-"""``dmdcopy distill CONFIG.toml [--resume]``: run a DMD / DMD2 distillation from a TOML file.
+"""``dmdcopy distill CONFIG.toml [--resume | --overwrite]``: run a DMD / DMD2 distillation from a TOML file.
 
 The file has top-level keys ``out_dir`` and ``device`` and four tables (unknown keys are errors)::
 
@@ -59,6 +59,9 @@ def register(subparsers) -> None:
     p.add_argument("config", help="TOML run file (see above)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in out_dir (fresh start if none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an out_dir holding another run: move that run into "
+                        "out_dir/previous-<UTC time>/ (nothing is deleted)")
     p.add_argument("--device", default=None, help="override the file's device, e.g. cpu or cuda:0")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -200,43 +203,47 @@ def build_run(spec: Mapping[str, Any], *, device=None, progress: bool | None = N
     label_dim = int(getattr(teacher, "label_dim", 0) or 0)
     has_params = any(True for _ in teacher.parameters())
 
-    # student
-    s = spec["student"]
-    _check_keys(s, _STUDENT, "[student]")
-    init = s.get("init", "teacher")
-    if init == "teacher":
-        if not has_params:
-            raise ConfigError("[student] init = 'teacher' needs a teacher network with parameters; "
-                              "use init = 'mlp' for an exact teacher")
-        denoiser = copy.deepcopy(teacher).requires_grad_(True)
-    elif init == "mlp":
-        denoiser = _mlp_denoiser(s, shape, label_dim, "[student]")
-    elif init == "checkpoint":
-        from dmdcopy.io import load
+    # Networks built here from scratch draw their initial weights from the run's seed, so two
+    # launches of one config start alike (and a resume finds the same run).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        # student
+        s = spec["student"]
+        _check_keys(s, _STUDENT, "[student]")
+        init = s.get("init", "teacher")
+        if init == "teacher":
+            if not has_params:
+                raise ConfigError("[student] init = 'teacher' needs a teacher network with parameters; "
+                                  "use init = 'mlp' for an exact teacher")
+            denoiser = copy.deepcopy(teacher).requires_grad_(True)
+        elif init == "mlp":
+            denoiser = _mlp_denoiser(s, shape, label_dim, "[student]")
+        elif init == "checkpoint":
+            from dmdcopy.io import load
 
-        if "path" not in s:
-            raise ConfigError("[student] init = 'checkpoint' needs path")
-        denoiser = load(s["path"]).requires_grad_(True)
-    else:
-        raise ConfigError(f"[student] init must be 'teacher', 'mlp' or 'checkpoint', got {init!r}")
-    if isinstance(denoiser, (OneStepStudent, MultiStepStudent)):
-        student = denoiser  # a saved student is used as it is
-    else:
-        sigmas = _floats(s.get("sigmas", [config.sigma_max]), "[student] sigmas")
-        student = (OneStepStudent(denoiser, sigmas[0]) if len(sigmas) == 1
-                   else MultiStepStudent(denoiser, sigmas))
-    out["student"] = student
+            if "path" not in s:
+                raise ConfigError("[student] init = 'checkpoint' needs path")
+            denoiser = load(s["path"]).requires_grad_(True)
+        else:
+            raise ConfigError(f"[student] init must be 'teacher', 'mlp' or 'checkpoint', got {init!r}")
+        if isinstance(denoiser, (OneStepStudent, MultiStepStudent)):
+            student = denoiser  # a saved student is used as it is
+        else:
+            sigmas = _floats(s.get("sigmas", [config.sigma_max]), "[student] sigmas")
+            student = (OneStepStudent(denoiser, sigmas[0]) if len(sigmas) == 1
+                       else MultiStepStudent(denoiser, sigmas))
+        out["student"] = student
 
-    # fake score
-    f = spec["fake_score"]
-    _check_keys(f, _FAKE, "[fake_score]")
-    finit = f.get("init", "teacher")
-    if finit == "teacher":
-        out["fake_score"] = None  # the Distiller copies the teacher (and says so if it cannot)
-    elif finit == "mlp":
-        out["fake_score"] = _mlp_denoiser(f, shape, label_dim, "[fake_score]")
-    else:
-        raise ConfigError(f"[fake_score] init must be 'teacher' or 'mlp', got {finit!r}")
+        # fake score
+        f = spec["fake_score"]
+        _check_keys(f, _FAKE, "[fake_score]")
+        finit = f.get("init", "teacher")
+        if finit == "teacher":
+            out["fake_score"] = None  # the Distiller copies the teacher (and says so if it cannot)
+        elif finit == "mlp":
+            out["fake_score"] = _mlp_denoiser(f, shape, label_dim, "[fake_score]")
+        else:
+            raise ConfigError(f"[fake_score] init must be 'teacher' or 'mlp', got {finit!r}")
 
     # regression pairs
     out["regression_pairs"] = None
@@ -259,6 +266,7 @@ def build_run(spec: Mapping[str, Any], *, device=None, progress: bool | None = N
 
 def run(args: argparse.Namespace) -> int:
     from dmdcopy.distill import Distiller, init_from_env
+    from dmdcopy.errors import RunInterrupted
 
     info = init_from_env()
     spec = load_toml(args.config)
@@ -266,8 +274,15 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(parts.pop("out_dir"))
     device = parts.pop("device")
     teacher, student, config = parts.pop("teacher"), parts.pop("student"), parts.pop("config")
-    distiller = Distiller(teacher, student, config=config, out_dir=out_dir, device=device, **parts)
-    distiller.train(resume="latest" if args.resume else None)
+    distiller = Distiller(teacher, student, config=config, out_dir=out_dir, device=device,
+                          overwrite=args.overwrite, **parts)
+    try:
+        distiller.train(resume="latest" if args.resume else None)
+    except RunInterrupted as e:
+        if info.is_main:
+            print(f"dmdcopy distill: stopped by {e}; resume: dmdcopy distill {args.config} --resume",
+                  file=sys.stderr)
+        return 128 + e.signum  # 130 for SIGINT, 143 for SIGTERM
     if info.is_main:
         written = export_students(distiller, out_dir)
         # an exact teacher exists only in the config: write it where `dmdcopy delta-e` can read it

@@ -9,7 +9,9 @@ itself (tag, layout, atomic writes, ``read_entry``) belongs to :mod:`dmdcopy.io.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +20,10 @@ from torch import nn
 
 from dmdcopy.distill.config import RESUMABLE_CHANGES, DistillConfig
 from dmdcopy.errors import CheckpointError
-from dmdcopy.io.run_checkpoint import flatten_optimizer, unflatten_optimizer
+from dmdcopy.io.run_checkpoint import digest, flatten_optimizer, unflatten_optimizer
 from dmdcopy.io.state import compare_state, load_state_checked
 
-__all__ = ["Counters", "RunState", "check_resumable"]
+__all__ = ["Counters", "RunState", "check_identity", "check_resumable", "run_fingerprint"]
 
 
 @dataclass
@@ -83,9 +85,10 @@ class RunState:
             tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
         return tensors, {**self.counters.state_dict(), "optim": optim, **extra}
 
-    def load(self, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any], *,
-             source: str = "checkpoint") -> None:
-        """Restore every registered object; nothing is changed if a network does not fit."""
+    def check(self, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any], *,
+              source: str = "checkpoint") -> dict[str, dict[str, torch.Tensor]]:
+        """Check that ``tensors`` / ``state`` fit every registered object, changing nothing; return
+        each network's part of ``tensors``."""
         parts = {}
         for name, module in self.networks.items():
             head = name + "/"
@@ -98,6 +101,12 @@ class RunState:
         if missing or "rng/torch_cpu" not in tensors:
             raise CheckpointError(f"{source}: incomplete checkpoint (no state for optimiser(s) "
                                   f"{missing} or no RNG state)")
+        return parts
+
+    def load(self, tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any], *,
+             source: str = "checkpoint") -> None:
+        """Restore every registered object; nothing is changed if a network does not fit."""
+        parts = self.check(tensors, state, source=source)
         for name, module in self.networks.items():
             load_state_checked(module, parts[name], strict=True, source=f"{source}: {name}")
         for name, opt in self.optimizers.items():
@@ -117,3 +126,55 @@ def check_resumable(saved: Mapping[str, Any], config: DistillConfig, source: str
         raise CheckpointError(f"{source}: the checkpoint was written with different settings for "
                               f"{changed}; resume with the same config (only {sorted(RESUMABLE_CHANGES)} "
                               "may change)")
+
+
+# Fingerprint fields whose difference is reported but allowed: initial weights drawn from an
+# unseeded generator differ between two launches of the same script.
+_INIT_FIELDS = ("student_init", "fake_score_init")
+
+
+def _short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _architecture(module: object) -> str:
+    cls = type(module)
+    return _short(f"{cls.__module__}.{cls.__qualname__}\n{module!r}")
+
+
+def run_fingerprint(*, teacher: nn.Module | Callable[..., torch.Tensor], student: nn.Module,
+                    fake_score: nn.Module, discriminator: nn.Module | None,
+                    world_size: int) -> dict[str, Any]:
+    """What identifies a run besides its config: the teacher's weight digest
+    (:func:`dmdcopy.pairs.teacher_fingerprint`), the architecture (class and ``repr``) and initial
+    weights digest of student and fake score, the discriminator's architecture, the process count."""
+    from dmdcopy.pairs import teacher_fingerprint
+
+    cls = type(teacher)
+    out: dict[str, Any] = {
+        "teacher": (teacher_fingerprint(teacher) if isinstance(teacher, nn.Module)
+                    else f"{cls.__module__}.{cls.__qualname__}"),
+        "student_architecture": _architecture(student),
+        "student_init": digest(student.state_dict())[:16],
+        "fake_score_architecture": _architecture(fake_score),
+        "fake_score_init": digest(fake_score.state_dict())[:16],
+        "world_size": int(world_size),
+    }
+    if discriminator is not None:
+        out["discriminator_architecture"] = _architecture(discriminator)
+    return out
+
+
+def check_identity(saved: Mapping[str, Any] | None, now: Mapping[str, Any], source: str) -> None:
+    """Refuse a checkpoint of another run (a checkpoint without a fingerprint, written before
+    fingerprints existed, is accepted). A different initial-weights digest is only reported."""
+    if saved is None:
+        return
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    refused = [k for k in changed if k not in _INIT_FIELDS]
+    if refused:
+        raise CheckpointError(f"{source}: the checkpoint belongs to another run: {refused} differ; resume "
+                              "with the same teacher, networks and process count, or start a new out_dir")
+    if changed:
+        print(f"dmdcopy: note: {source}: the networks' initial weights differ from the run's "
+              f"({changed}); their trained weights are loaded from the checkpoint", file=sys.stderr)

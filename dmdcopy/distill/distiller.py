@@ -28,6 +28,9 @@ import contextlib
 import copy
 import math
 import os
+import signal
+import sys
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,16 +38,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmdcopy.distill import method
+from dmdcopy.distill import method, rundir
 from dmdcopy.distill import setup as checks
-from dmdcopy.distill.checkpoint import Counters, RunState, check_resumable
+from dmdcopy.distill.checkpoint import Counters, RunState, check_identity, check_resumable, run_fingerprint
 from dmdcopy.distill.config import DistillConfig
 from dmdcopy.distill.dist import all_reduce_mean, all_true, dist_info, wrap_ddp
 from dmdcopy.distill.draws import Draws, Stream
 from dmdcopy.distill.ema import EMA
 from dmdcopy.distill.method import FakeScoreRecord, GeneratorRecord
 from dmdcopy.distill.runlog import RunLog, Window
-from dmdcopy.errors import ConfigError, NonFiniteError
+from dmdcopy.errors import CheckpointError, ConfigError, NonFiniteError, RunInterrupted
 from dmdcopy.io import run_checkpoint as ckpt
 from dmdcopy.losses import ClassifierHead, FeatureHook, l2_regression_loss, pseudo_huber_loss
 from dmdcopy.schedules import dmd_sigma_grid
@@ -88,6 +91,10 @@ class Distiller:
             conditional teacher; default uniform.
         callbacks: see the module docstring.
         out_dir: where ``log.jsonl``, checkpoints and TensorBoard files go; ``None`` writes nothing.
+            It belongs to one run: a fresh ``train()`` refuses a directory holding another run's
+            checkpoints or log, and a second writer is refused while a run holds it.
+        overwrite: a fresh ``train()`` in an ``out_dir`` holding another run moves that run into
+            ``out_dir/previous-<UTC time>/`` instead of refusing (nothing is deleted).
         device: default: the device of the student's parameters. Modules are moved there.
         sample_shape: per-sample shape when neither teacher nor student declares ``sample_shape``.
 
@@ -114,6 +121,7 @@ class Distiller:
         out_dir: str | os.PathLike | None = None,
         device: torch.device | str | None = None,
         sample_shape: Sequence[int] | None = None,
+        overwrite: bool = False,
     ) -> None:
         if not isinstance(config, DistillConfig):
             raise ConfigError(f"config must be a DistillConfig, got {type(config).__name__}")
@@ -125,6 +133,10 @@ class Distiller:
         self.is_main = info.is_main
         self.device = torch.device(device) if device is not None else _device_of(student)
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.overwrite = bool(overwrite)
+        self.run_id = uuid.uuid4().hex  # a resume adopts the checkpoint's
+        self._stop_signal: int | None = None
+        self._claimed = False  # out_dir already claimed by an earlier train() of this Distiller
         self.callbacks = list(callbacks)
         self.counters = Counters()
         checks.check_unshared(teacher=teacher, student=student, fake_score=fake_score)
@@ -132,6 +144,10 @@ class Distiller:
             self._build_models(teacher, student, fake_score, discriminator, real_data, regression_pairs,
                                class_weights, sample_shape)
             self.log = RunLog(self.out_dir, is_main=self.is_main, tensorboard=cfg.tensorboard)
+        # What the run is, before any update: a resume must continue the same run.
+        self.fingerprint = run_fingerprint(teacher=self.teacher, student=self.student,
+                                           fake_score=self.fake_score, discriminator=self.discriminator,
+                                           world_size=self.world_size)
         # Every check passed: only now is the teacher frozen.
         if isinstance(self.teacher, nn.Module):
             self.teacher.eval().requires_grad_(False)
@@ -302,7 +318,7 @@ class Distiller:
         losses = method.generator_loss(self.nets, draws, cfg, regression=regression,
                                        regression_fn=self._regression_fn, autocast=self._autocast)
         losses.loss.backward()
-        norm, ok = self._clip_and_check(self.generator_optimizer, losses.loss)
+        norm, ok = self._clip_and_check(self.generator_optimizer, losses.loss, losses.teacher_finite)
         if ok:
             self.generator_optimizer.step()
             self.counters.generator_updates += 1
@@ -317,13 +333,18 @@ class Distiller:
         reg_v = next(rest) if reg is not None else None
         return GeneratorRecord(loss_v, dmd_v, gan_v, reg_v, norm, not ok)
 
-    def _clip_and_check(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> tuple[float, bool]:
-        """Clip the global grad norm; return (norm before clipping, loss and norm finite everywhere)."""
+    def _clip_and_check(self, opt: torch.optim.Optimizer, loss: torch.Tensor,
+                        teacher_finite: torch.Tensor | None = None) -> tuple[float, bool]:
+        """Clip the global grad norm; return (norm before clipping, loss and norm finite everywhere,
+        and the teacher's outputs finite)."""
         params = [p for g in opt.param_groups for p in g["params"]]
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        loss_v, norm_v = torch.stack([loss.detach().float(), norm.float()]).tolist()
-        ok = all_true(math.isfinite(loss_v) and math.isfinite(norm_v), self.device)
+        flags = [loss.detach().float(), norm.float()]
+        if teacher_finite is not None:
+            flags.append(teacher_finite.float())
+        loss_v, norm_v, *teacher_ok = torch.stack(flags).tolist()
+        ok = all_true(math.isfinite(loss_v) and math.isfinite(norm_v) and all(teacher_ok), self.device)
         return norm_v, ok
 
     def _after_update(self, ok: bool, what: str) -> None:
@@ -339,7 +360,8 @@ class Distiller:
         n = c.nonfinite_in_a_row[what]
         if n >= self.config.max_nonfinite_in_a_row:
             raise NonFiniteError(
-                f"step {c.step}: {n} {what} updates in a row had a non-finite loss or gradient "
+                f"step {c.step}: {n} {what} updates in a row had a non-finite loss or gradient"
+                f"{' or teacher output' if what == 'generator' else ''} "
                 f"({c.nonfinite_total} updates skipped in all). Lower the learning rates, check the "
                 "teacher's and student's outputs, or raise max_nonfinite_in_a_row")
 
@@ -347,11 +369,74 @@ class Distiller:
 
     def train(self, *, resume: str | os.PathLike | None = None) -> Distiller:
         """Run until ``config.num_steps`` steps are done; ``resume="latest"`` or a path first
-        restores a checkpoint (``"latest"`` starts fresh when ``out_dir`` holds none)."""
+        restores a checkpoint (``"latest"`` starts fresh when ``out_dir`` holds none).
+
+        With ``out_dir``, rank 0 holds the directory's writer lock for the whole call, removes
+        temp files of interrupted writes and, without ``resume``, refuses (or with ``overwrite``
+        moves aside) another run's files. SIGINT / SIGTERM (in the main thread) end the current
+        step, write a checkpoint and raise :class:`~dmdcopy.errors.RunInterrupted`.
+        """
+        with self._own_out_dir(fresh=resume is None), self._signals_stop():
+            if resume is not None:
+                self.resume(resume)
+            self._loop()
+        return self
+
+    @contextlib.contextmanager
+    def _own_out_dir(self, *, fresh: bool):
+        """Rank 0 locks and claims ``out_dir``; every process learns whether that succeeded (other
+        ranks may have no ``out_dir``, so all take part in the check)."""
+        with contextlib.ExitStack() as stack:
+            error: BaseException | None = None
+            if self.is_main and self.out_dir is not None:
+                try:
+                    stack.enter_context(rundir.writer_lock(self.out_dir))
+                    rundir.remove_temp_files(self.out_dir)
+                    fresh = fresh and not self._claimed  # a second train() continues this run
+                    if fresh and self.overwrite:
+                        moved = rundir.move_aside(self.out_dir)
+                        if moved is not None:
+                            print(f"dmdcopy: moved the earlier run in {self.out_dir} to {moved}",
+                                  file=sys.stderr)
+                            if self.config.tensorboard:  # its writer's folder moved with the old run
+                                self.log.close()
+                                self.log = RunLog(self.out_dir, is_main=True, tensorboard=True)
+                    elif fresh:
+                        rundir.check_fresh(self.out_dir)
+                except ConfigError as e:
+                    error = e
+                except OSError as e:
+                    error = ConfigError(f"out_dir {self.out_dir}: cannot write there ({e})")
+                self._claimed = error is None
+            if not all_true(error is None, self.device):
+                raise error if error is not None else ConfigError(
+                    f"{self.out_dir}: rank 0 refused the output directory (see its error)")
+            yield
+
+    @contextlib.contextmanager
+    def _signals_stop(self):
+        """SIGINT / SIGTERM ask the loop to stop after the current step (a second one stops at once)."""
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        self._stop_signal = None
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: signals are not ours to take
+            pass
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _loop(self) -> None:
         from tqdm.auto import tqdm
 
-        if resume is not None:
-            self.resume(resume)
         cfg = self.config
         bar = tqdm(total=cfg.num_steps, initial=self.step, disable=not (self.is_main and cfg.progress_bar),
                    desc="distill", dynamic_ncols=True)
@@ -372,13 +457,27 @@ class Distiller:
                 if record:
                     self.log.write({"step": self.step, **record})
                 bar.update(1)
+                stop = self._stop_requested()
                 if self.out_dir is not None and (self.step % cfg.checkpoint_every == 0
-                                                 or self.step == cfg.num_steps):
+                                                 or self.step == cfg.num_steps or stop):
                     self.save_checkpoint()
+                if stop:
+                    self._interrupted()
         finally:
             bar.close()
             self.log.flush()
-        return self
+
+    def _stop_requested(self) -> bool:
+        return not all_true(self._stop_signal is None, self.device)
+
+    def _interrupted(self) -> None:
+        signum = self._stop_signal or signal.SIGINT
+        name = signal.Signals(signum).name
+        where = (f"checkpoint written to {self.out_dir}; resume with train(resume='latest') or "
+                 "`dmdcopy distill CONFIG --resume`" if self.out_dir is not None
+                 else "no out_dir, so no checkpoint was written")
+        raise RunInterrupted(f"{name} at step {self.step} of {self.config.num_steps}: {where}",
+                             signum=int(signum), step=self.step)
 
     def _summary(self, window: Window) -> dict[str, Any]:
         """The window's means, averaged over processes, and the run's rates and counters."""
@@ -399,36 +498,62 @@ class Distiller:
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything a resume needs: flat tensors and a JSON-able dict (see :class:`RunState`)."""
-        return self.run_state.state(config=self.config.to_dict(), world_size=self.world_size)
+        return self.run_state.state(config=self.config.to_dict(), world_size=self.world_size,
+                                    run_id=self.run_id, fingerprint=self.fingerprint)
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``out_dir/checkpoint-<step>.safetensors`` (rank 0) and keep the newest K."""
+        """Write ``out_dir/checkpoint-<step>.safetensors`` (rank 0) and keep this run's newest K
+        (checkpoints of another run, or newer than this step, are never deleted)."""
         if self.out_dir is None:
             raise ConfigError("out_dir: the distiller has no output directory to write checkpoints to")
         path = self.out_dir / ckpt.checkpoint_name(self.step)
         tensors, state = self.state_tensors()
         if self.is_main:
             ckpt.write_checkpoint(path, tensors, state)
-            ckpt.prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
+            ckpt.prune_checkpoints(self.out_dir, self.config.keep_checkpoints, run_id=self.run_id,
+                                   up_to=self.step)
         return path
 
     def resume(self, source: str | os.PathLike) -> Path | None:
-        """Restore from ``"latest"`` (newest valid checkpoint in ``out_dir``; none: no-op) or a path."""
-        if str(source) == "latest":
-            if self.out_dir is None:
-                raise ConfigError("resume='latest' needs out_dir")
-            path = ckpt.latest_checkpoint(self.out_dir)
-            if path is None:  # a run stopped before its first checkpoint starts again from step 0
-                self.log.trim(self.step)
-                return None
-        else:
+        """Restore from ``"latest"`` (newest valid checkpoint in ``out_dir``; none: no-op) or a path.
+
+        ``"latest"`` skips (and reports on stderr) a damaged or corrupt checkpoint for the newest
+        one that reads back whole and matches its digest; when checkpoints exist but none does, it
+        raises rather than start again from step 0.
+        """
+        if str(source) != "latest":
             path = Path(source)
-        self.load_checkpoint(path)
-        return path
+            self.load_checkpoint(path)
+            return path
+        if self.out_dir is None:
+            raise ConfigError("resume='latest' needs out_dir")
+        found = ckpt.list_checkpoints(self.out_dir)
+        if not found:  # a run stopped before its first checkpoint starts again from step 0
+            self.log.trim(self.step)
+            return None
+        for _, path in reversed(found):
+            try:
+                read = ckpt.read_checkpoint(path)
+            except CheckpointError as e:
+                if self.is_main:
+                    print(f"dmdcopy: skipping {path.name}: {e}", file=sys.stderr)
+                continue
+            self._load(read, path)
+            return path
+        raise CheckpointError(f"{self.out_dir}: none of its {len(found)} checkpoint(s) reads back whole "
+                              "(see above); resume from a copy, or start afresh with overwrite=True "
+                              "(`--overwrite`), which moves them aside")
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Load weights, optimiser states, counters and RNG states from a checkpoint file."""
-        tensors, state = ckpt.read_checkpoint(path)
+        self._load(ckpt.read_checkpoint(path), Path(path))
+
+    def _load(self, read: tuple[dict[str, torch.Tensor], dict[str, Any]], path: Path) -> None:
+        tensors, state = read
         check_resumable(state.get("config", {}), self.config, str(path))
+        self.run_state.check(tensors, state, source=str(path))
+        check_identity(state.get("fingerprint"), self.fingerprint, str(path))
         self.run_state.load(tensors, state, source=str(path))
+        if state.get("run_id"):
+            self.run_id = str(state["run_id"])
         self.log.trim(self.step)

@@ -83,6 +83,7 @@ class GeneratorLosses:
     dmd: torch.Tensor                 # surrogate 0.5 mean ||x - sg(x - g)||^2
     gan: torch.Tensor | None          # generator softplus loss (None without GAN)
     regression: torch.Tensor | None   # regression to teacher pairs (None when off)
+    teacher_finite: torch.Tensor | None = None  # () bool: every teacher output was finite
 
 
 @dataclass(frozen=True)
@@ -206,8 +207,16 @@ def generator_loss(
         x_all = generate(nets.student_call, nets.student, torch.cat(zs), all_labels, draws).to(draws.dtype)
     x = x_all[:b]
     sigma = draws.sigma(Stream.K, cfg.generator_k_range)
+    finite: list[torch.Tensor] = []
+
+    def teacher(*args, **kwargs) -> torch.Tensor:
+        # dmd_direction would turn a non-finite teacher output into a zero gradient: flag it
+        out = nets.teacher(*args, **kwargs)
+        finite.append(torch.isfinite(out).all())
+        return out
+
     with torch.no_grad(), autocast():
-        g = dmd_gradient(x, sigma, nets.teacher, nets.fake_score, noise=draws.noise(Stream.EPS),
+        g = dmd_gradient(x, sigma, teacher, nets.fake_score, noise=draws.noise(Stream.EPS),
                          class_labels=labels, min_normaliser=cfg.min_normaliser)
     dmd = dmd_surrogate_loss(x, g).mean()  # d dmd / d x = g / numel
     loss, gan, reg = cfg.dmd_weight * dmd, None, None
@@ -223,4 +232,5 @@ def generator_loss(
     if regression is not None:
         reg = regression_fn(x_all[b:], x_reg).mean()
         loss = loss + cfg.regression_weight * reg
-    return GeneratorLosses(loss, dmd, gan, reg)
+    teacher_finite = torch.stack(finite).all() if finite else None
+    return GeneratorLosses(loss, dmd, gan, reg, teacher_finite)

@@ -104,3 +104,9 @@ class RunLog:
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer (``log.jsonl`` is opened per record)."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

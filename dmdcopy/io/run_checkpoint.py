@@ -6,7 +6,9 @@ Layout of ``checkpoint-<step:09d>.safetensors`` (no pickle: nothing in it runs c
   ``discriminator/`` (network state dicts), ``optim/<name>/<param index>/<key>`` (AdamW moments)
   and ``rng/...`` (torch's generator states);
 - metadata ``format`` = :data:`FORMAT` and ``state``, a JSON document: the counters, the optimisers'
-  JSON part (``optim``), the config and the world size.
+  JSON part (``optim``), the config, the world size, the run's id and fingerprint; ``sha256``, a
+  digest of every tensor (name, dtype, shape, bytes) verified on read (files written before it
+  existed carry none and still load); ``run_id``, the run that wrote it (pruning touches only its own).
 
 The distiller (:mod:`dmdcopy.distill.checkpoint` registers what goes in), :func:`dmdcopy.io.load`
 (``key=`` picks one network with :func:`read_entry`) and ``dmdcopy distill`` (which exports the
@@ -14,12 +16,14 @@ students with :func:`export_students`) all go through this module.
 
 Writes go to a temporary file in the same directory, are flushed to disk, then renamed over the
 final name, so a reader sees either no file or a complete one. :func:`latest_checkpoint` still
-validates each candidate (safetensors checks that the data covers the header's offsets) and skips
-a damaged file, e.g. one truncated by a full disk or a copy cut short.
+validates each candidate (safetensors checks that the data covers the header's offsets, and the
+data must match the recorded digest) and skips a damaged file, e.g. one truncated by a full disk,
+a copy cut short or flipped bits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -39,6 +43,8 @@ from dmdcopy.io.safetensors_io import save
 __all__ = [
     "FORMAT",
     "checkpoint_name",
+    "checkpoint_run_id",
+    "digest",
     "entry_names",
     "export_students",
     "flatten_optimizer",
@@ -67,12 +73,26 @@ def is_run_checkpoint(metadata: Mapping[str, str]) -> bool:
     return metadata.get("format") == FORMAT
 
 
+def digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        # reshape(-1): a 0-dim tensor cannot be viewed as bytes
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                      state: Mapping[str, Any]) -> Path:
-    """Write ``tensors`` and the JSON-able ``state`` to ``path`` atomically (temp file + rename)."""
+    """Write ``tensors`` and the JSON-able ``state`` to ``path`` atomically (temp file + rename),
+    with the :func:`digest` of the tensors (and ``state["run_id"]``, if any) in the metadata."""
     # safetensors wants contiguous CPU tensors that share no memory.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    meta = {"format": FORMAT, "state": json.dumps(state, allow_nan=True)}
+    meta = {"format": FORMAT, "state": json.dumps(state, allow_nan=True), "sha256": digest(flat)}
+    if state.get("run_id") is not None:
+        meta["run_id"] = str(state["run_id"])
     return write_atomic(path, lambda tmp: save_file(flat, tmp, metadata=meta))
 
 
@@ -94,6 +114,16 @@ def read_checkpoint(path: str | os.PathLike, *, device: torch.device | str = "cp
         raise
     except Exception as e:  # safetensors raises its own error type for a truncated file
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if "sha256" in meta and digest(tensors) != meta["sha256"]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its tensor data do not match the "
+                              "sha256 digest recorded when it was written")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its state is not a JSON object")
+    if "rng/torch_cpu" in tensors:  # a file without digest: at least refuse a damaged RNG state
+        try:
+            torch.Generator().set_state(tensors["rng/torch_cpu"])
+        except (RuntimeError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {path} is corrupt: invalid RNG state ({e})") from None
     return tensors, state
 
 
@@ -122,11 +152,10 @@ def read_entry(path: str | os.PathLike, key: str = "ema") -> dict[str, torch.Ten
 
 def _is_valid(path: Path) -> bool:
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return is_run_checkpoint(meta) and "state" in meta
-    except Exception:
+        read_checkpoint(path)
+    except CheckpointError:
         return False
+    return True
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -143,16 +172,35 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest checkpoint in ``directory`` that reads back whole; ``None`` if there is none."""
+    """The newest checkpoint in ``directory`` that reads back whole and matches its digest;
+    ``None`` if there is none."""
     for _, p in reversed(list_checkpoints(directory)):
         if _is_valid(p):
             return p
     return None
 
 
-def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints; return the deleted paths."""
-    doomed = [p for _, p in list_checkpoints(directory)[:-keep]] if keep > 0 else []
+def checkpoint_run_id(path: str | os.PathLike) -> str | None:
+    """The ``run_id`` a checkpoint was written by (``None``: unreadable, or written before run ids)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        return None
+    return meta.get("run_id") if is_run_checkpoint(meta) else None
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int, *, run_id: str | None = None,
+                      up_to: int | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints; return the deleted paths.
+
+    With ``run_id``, only checkpoints written by that run are candidates; with ``up_to``, only
+    those of at most that step (a run never deletes a newer checkpoint than its own).
+    """
+    found = [(s, p) for s, p in list_checkpoints(directory) if up_to is None or s <= up_to]
+    if run_id is not None:
+        found = [(s, p) for s, p in found if checkpoint_run_id(p) == run_id]
+    doomed = [p for _, p in found[:-keep]] if keep > 0 else []
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
