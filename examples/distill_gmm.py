@@ -1,6 +1,6 @@
 """Distil an exact 2-D Gaussian-mixture teacher into a one-step student with DMD, on a CPU.
 
-    python examples/distill_gmm.py [--steps 300] [--out runs/distill_gmm]
+    python examples/distill_gmm.py [--steps 300] [--out runs/distill_gmm] [--overwrite]
 
 The teacher's denoiser is exact, so only the fake score and the student are trained (both small
 MLPs from scratch). The script prints the sliced Wasserstein distance between student and teacher
@@ -30,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="generator updates")
     parser.add_argument("--out", default="runs/distill_gmm", help="log and checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="move an earlier run in --out aside (into previous-<time>/) and start afresh")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -50,7 +52,7 @@ def main() -> None:
         before = sliced_wasserstein(student(z), reference, generator=torch.Generator().manual_seed(0))
 
     distiller = Distiller(teacher, student, fake_score=fake_score, config=config, out_dir=args.out,
-                          callbacks=[delta_e])
+                          callbacks=[delta_e], overwrite=args.overwrite)
     t0 = time.perf_counter()
     distiller.train()
     seconds = time.perf_counter() - t0
