@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import Any
 
 import torch
@@ -11,10 +12,10 @@ from torch import nn
 
 from dmdcopy.errors import CheckpointError
 from dmdcopy.io.architectures import INIT_PREFIX, build_module, check_wrapper_settings, init_tensors
-from dmdcopy.io.formats import EDM_PICKLE, SAFETENSORS, detect_format
+from dmdcopy.io.formats import EDM_PICKLE, SAFETENSORS, TORCH_ZIP, detect_format
 from dmdcopy.io.run_checkpoint import is_run_checkpoint, split_entry
-from dmdcopy.io.safetensors_io import read_safetensors, save
-from dmdcopy.io.state import load_state_checked
+from dmdcopy.io.safetensors_io import read_safetensors, read_safetensors_header, save
+from dmdcopy.io.state import build_checked, load_state_checked
 
 __all__ = ["convert", "load"]
 
@@ -45,11 +46,51 @@ def _check_init_tensors(into: nn.Module, init: dict[str, torch.Tensor], source: 
                               "module passed as into=; load it without into= to rebuild it from the file")
 
 
-def _rebuild(
-    spec: dict[str, Any], state: dict[str, torch.Tensor], init: dict[str, torch.Tensor], source: str,
-    strict: bool,
+def check_torch_zip_sizes(path: str | os.PathLike) -> None:
+    """Refuse a ``torch.save`` zip whose entries unpack to more bytes than the archive holds.
+
+    ``torch.save`` stores its entries uncompressed; ``torch.load`` nevertheless inflates deflated
+    ones, so a 200 KB archive could otherwise unpack to gigabytes of tensor storage.
+    """
+    if detect_format(path) != TORCH_ZIP:
+        return
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: truncated or damaged zip archive ({e})") from e
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    total = sum(i.file_size for i in infos)
+    if packed or total > size:
+        raise CheckpointError(
+            f"{path}: a torch.save archive whose entries unpack to {total:,} bytes from {size:,}"
+            + (f" (compressed entries {packed[:3]}; torch.save never compresses)" if packed else "")
+            + "; refused before reading it: the file is corrupt or hostile"
+        )
+
+
+def _rebuild_from_file(
+    path: str | os.PathLike, meta: dict[str, str], shapes: dict[str, tuple[int, ...]], strict: bool
 ) -> nn.Module:
-    module = build_module(spec, init)
+    """The module a dmdcopy file records, filled from it. The recorded architecture is first built
+    on the meta device and checked against the shapes in the file's header (:func:`build_checked`):
+    a small file recording a huge module is refused before anything large is allocated."""
+    source = f"{path}"
+    if "dmdcopy.architecture" not in meta:
+        raise CheckpointError(
+            f"{path}: a safetensors file without dmdcopy's architecture metadata "
+            f"(metadata keys: {sorted(meta)}); pass the module to fill as load(path, into=module)"
+        )
+    try:
+        spec = json.loads(meta["dmdcopy.architecture"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupt dmdcopy.architecture metadata: {e}") from e
+    init, _ = read_safetensors(path, keys=lambda k: k.startswith(INIT_PREFIX))  # constructor tensors
+    state_shapes = {k: v for k, v in shapes.items() if not k.startswith(INIT_PREFIX)}
+    module = build_checked(lambda: build_module(spec, init), state_shapes,
+                           file_bytes=os.path.getsize(path), strict=strict, source=source)
+    state, _ = read_safetensors(path, keys=lambda k: not k.startswith(INIT_PREFIX))
     dtype = _uniform_float_dtype(state)
     if dtype is not None:
         module.to(dtype)  # keep the stored precision (e.g. a float16 export)
@@ -91,6 +132,9 @@ def load(
     fmt = detect_format(path)
     source = f"{path}"
     if fmt == SAFETENSORS:
+        shapes, meta = read_safetensors_header(path)  # no tensor data read yet
+        if into is None and not is_run_checkpoint(meta):
+            return _rebuild_from_file(path, meta, shapes, strict).to(map_location).eval()
         state, meta = read_safetensors(path)  # CPU; the module is moved once it is filled
         if is_run_checkpoint(meta):
             state = split_entry(state, key, source=source)
@@ -100,22 +144,11 @@ def load(
                     f"load(path, into=module, key={key!r}), or load the run's exported "
                     "student.safetensors / student_ema.safetensors")
         state, init = split_init_tensors(state)
-        if into is not None:
-            check_wrapper_settings(into, meta, source)
-            if init:
-                _check_init_tensors(into, init, source)
-            load_state_checked(into, state, strict=strict, source=source)
-            return into
-        if "dmdcopy.architecture" not in meta:
-            raise CheckpointError(
-                f"{path}: a safetensors file without dmdcopy's architecture metadata "
-                f"(metadata keys: {sorted(meta)}); pass the module to fill as load(path, into=module)"
-            )
-        try:
-            spec = json.loads(meta["dmdcopy.architecture"])
-        except ValueError as e:
-            raise CheckpointError(f"{path}: corrupt dmdcopy.architecture metadata: {e}") from e
-        return _rebuild(spec, state, init, source, strict).to(map_location).eval()
+        check_wrapper_settings(into, meta, source)
+        if init:
+            _check_init_tensors(into, init, source)
+        load_state_checked(into, state, strict=strict, source=source)
+        return into
     if fmt == EDM_PICKLE:
         from dmdcopy.io.edm_pickle import load_edm_pickle, read_edm_pickle
 
@@ -126,6 +159,7 @@ def load(
         return into
     from dmdcopy.io.dmd2 import load_dmd2_checkpoint
 
+    check_torch_zip_sizes(path)
     if into is None:
         raise CheckpointError(
             f"{path}: a torch.save state dict carries no architecture; pass load(path, into=module) "
@@ -165,6 +199,7 @@ def convert(
     else:
         from dmdcopy.io.dmd2 import load_dmd2_checkpoint
 
+        check_torch_zip_sizes(src)
         if architecture is None:
             raise CheckpointError(
                 f"{src}: a torch.save state dict carries no architecture; pass architecture="

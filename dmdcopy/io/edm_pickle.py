@@ -26,6 +26,12 @@ checked rebuild function, a dtype, a container type, or an inert placeholder for
 ``torch.nn``'s classes. Any other global (``os.system``, ``builtins.eval``, ...) is refused with
 :class:`~dmdcopy.errors.CheckpointError` before anything is called.
 
+Sizes are checked before memory is allocated: a tensor's view of its storage may not repeat an
+element (stride 0, overlapping dims) nor reach past it, the storages and copied views of one file
+may not add up to more than twice its size, and the network the file records is built on the
+``meta`` device and compared with its tensors before it is built for real
+(:func:`dmdcopy.io.state.build_checked`). A file of a few KB cannot ask for gigabytes.
+
 (About 600 lines: the restricted unpickler, its allow-list and the rebuild of EDM's objects are
 one security boundary; splitting it would spread what may execute over several files.)
 """
@@ -33,6 +39,7 @@ one security boundary; splitting it would spread what may execute over several f
 from __future__ import annotations
 
 import collections
+import contextvars
 import io
 import os
 import pickle
@@ -47,7 +54,7 @@ from torch.serialization import MAGIC_NUMBER  # the legacy torch.save stream's f
 from dmdcopy._record import constructor_options
 from dmdcopy.errors import CheckpointError
 from dmdcopy.io.formats import EDM_PICKLE, detect_format
-from dmdcopy.io.state import load_state_checked
+from dmdcopy.io.state import build_checked, load_state_checked
 
 __all__ = ["PickledModule", "load_edm_pickle", "read_edm_pickle"]
 
@@ -134,6 +141,43 @@ class _Refused(pickle.UnpicklingError):
     pass
 
 
+class _Oversized(pickle.UnpicklingError):
+    """A tensor whose declared geometry would need memory the file's bytes do not back."""
+
+
+# Bytes the tensors rebuilt from one file may still allocate: twice the file's size (its storages,
+# and copies of views into them) plus 1 MiB. None outside :func:`_unpickle` (no limit).
+_BUDGET: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("edm_pickle_budget", default=None)
+
+
+def _charge(nbytes: int, what: str) -> None:
+    budget = _BUDGET.get()
+    if budget is None:
+        return
+    budget[0] -= nbytes
+    if budget[0] < 0:
+        raise _Oversized(
+            f"{what} would allocate {nbytes:,} more bytes, beyond twice the file's size in all: "
+            "its storages are referenced over and over"
+        )
+
+
+def _check_geometry(size: tuple[int, ...], stride: tuple[int, ...], offset: int, numel: int) -> None:
+    """A view of ``numel`` storage elements that touches each element at most once (no stride 0,
+    no overlap) and stays inside the storage: copying it never needs more than the storage."""
+    dims = sorted((s, n) for n, s in zip(size, stride) if n > 1)
+    span = 1  # elements spanned by the dims seen so far, smallest stride first
+    for s, n in dims:
+        if s < span:
+            raise _Oversized(
+                f"tensor of size {size} with strides {stride} repeats storage elements (a stride of 0 or "
+                "overlapping dims); EDM's networks hold no such tensors"
+            )
+        span += s * (n - 1)
+    if offset + span > numel:
+        raise _Oversized(f"tensor of size {size} reaches past its storage of {numel} elements")
+
+
 def _reconstruct_persistent_obj(meta: Any) -> _PersistentRecord:
     if (
         not isinstance(meta, dict)
@@ -187,9 +231,12 @@ def _load_from_bytes(data: Any) -> torch.Tensor:
         raise pickle.UnpicklingError(f"tensor storage lists keys {keys!r:.80}, expected [{key!r}]")
     (count,) = struct.unpack("<q", f.read(8))
     itemsize = torch.empty((), dtype=dtype).element_size()
+    if count != numel or count < 0 or len(data) - f.tell() < count * itemsize:
+        raise pickle.UnpicklingError(
+            f"tensor storage truncated: {len(data) - f.tell()} of {max(numel, 0) * itemsize} bytes"
+        )
+    _charge(count * itemsize, "a tensor storage")
     raw = f.read(count * itemsize)
-    if count != numel or len(raw) != count * itemsize:
-        raise pickle.UnpicklingError(f"tensor storage truncated: {len(raw)} of {numel * itemsize} bytes")
     return torch.frombuffer(bytearray(raw), dtype=dtype) if count else torch.empty(0, dtype=dtype)
 
 
@@ -217,17 +264,26 @@ def _rebuild_tensor_v2(
     if not isinstance(storage, torch.Tensor) or storage.ndim != 1:
         raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
     size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
-    if len(size) != len(stride) or not isinstance(offset, int) or offset < 0 or any(s < 0 for s in size):
+    if (
+        len(size) != len(stride)
+        or not isinstance(offset, int)
+        or offset < 0
+        or any(n < 0 for n in size)
+        or any(s < 0 for s in stride)
+    ):
         raise pickle.UnpicklingError(f"malformed tensor geometry size={size} stride={stride} offset={offset}")
     _check_hooks(hooks)
-    extent = offset + sum((n - 1) * s for n, s in zip(size, stride) if n > 0) + 1
-    if all(n > 0 for n in size) and extent > storage.numel():
-        raise pickle.UnpicklingError(f"tensor of size {size} reaches past its storage of {storage.numel()}")
     if any(n == 0 for n in size):
         return torch.empty(size, dtype=storage.dtype)
+    # checked before anything is allocated: a stride-0 view of one element would otherwise be
+    # copied into a tensor of any declared size
+    _check_geometry(size, stride, offset, storage.numel())
     tensor = storage.as_strided(size, stride, offset)
     whole = offset == 0 and tensor.numel() == storage.numel() and tensor.is_contiguous()
-    return tensor if whole else tensor.clone()  # a view of part of a storage gets its own memory
+    if whole:
+        return tensor
+    _charge(tensor.numel() * tensor.element_size(), f"a view of size {size}")
+    return tensor.clone()  # a view of part of a storage gets its own memory
 
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> torch.Tensor:
@@ -396,9 +452,14 @@ def _unpickle(path: str | os.PathLike) -> Any:
     fmt = detect_format(path)
     if fmt != EDM_PICKLE:
         raise CheckpointError(f"{path}: expected an EDM network pickle, this is a {fmt} file")
+    token = _BUDGET.set([2 * os.path.getsize(path) + (1 << 20)])
     with open(path, "rb") as f:
         try:
             return _RestrictedUnpickler(f).load()
+        except _Oversized as e:
+            raise CheckpointError(
+                f"{path}: {e}; refused before allocating it: the file is corrupt or hostile"
+            ) from None
         except _Refused as e:
             raise CheckpointError(
                 f"{path}: {e}: an EDM network pickle names only EDM's persistence record, torch tensor "
@@ -420,6 +481,8 @@ def _unpickle(path: str | os.PathLike) -> Any:
                 f"{path}: cannot read the pickle, it is truncated, corrupt or not an EDM network "
                 f"({type(e).__name__}: {e}); expected a complete EDM network pickle"
             ) from None
+        finally:
+            _BUDGET.reset(token)
 
 
 def read_edm_pickle(path: str | os.PathLike, *, key: str | None = "ema") -> PickledModule:
@@ -595,6 +658,9 @@ def load_edm_pickle(
         The network in eval mode (as EDM's snapshots), ``requires_grad`` left on.
     """
     record = read_edm_pickle(path, key=key)
-    module = _build(record, net_dtype)
-    load_state_checked(module, record.state_dict(), strict=True, source=f"{path} [{key}]")
+    state = record.state_dict()
+    # the recorded options are checked against the pickled tensors before the network is built
+    module = build_checked(lambda: _build(record, net_dtype), {k: v.shape for k, v in state.items()},
+                           file_bytes=os.path.getsize(path), strict=True, source=f"{path} [{key}]")
+    load_state_checked(module, state, strict=True, source=f"{path} [{key}]")
     return module.to(map_location).eval()

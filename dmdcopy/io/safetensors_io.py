@@ -26,7 +26,7 @@ from dmdcopy._atomic import write_atomic
 from dmdcopy.errors import CheckpointError, ConfigError
 from dmdcopy.io.architectures import init_tensors, module_spec
 
-__all__ = ["read_metadata", "read_safetensors", "save", "save_state"]
+__all__ = ["read_metadata", "read_safetensors", "read_safetensors_header", "save", "save_state"]
 
 FORMAT_VERSION = "1"
 
@@ -100,26 +100,75 @@ def save(module: nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, A
     save_state({**module.state_dict(), **init_tensors(module)}, path, metadata=meta)
 
 
-def read_safetensors(
-    path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(state dict, metadata)`` of a safetensors file, with aliased (tied) keys restored."""
-    device = str(torch.device(map_location))
-    try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            meta = dict(f.metadata() or {})
-            state = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read the safetensors file: {e}") from e
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
+
+
+def _aliases(path: str | os.PathLike, meta: Mapping[str, str]) -> dict[str, str]:
     try:
         aliases = json.loads(meta.get("dmdcopy.aliases", "{}"))
     except ValueError as e:
         raise CheckpointError(f"{path}: corrupt dmdcopy.aliases metadata: {e}") from e
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise CheckpointError(f"{path}: corrupt dmdcopy.aliases metadata: expected {{key: key}}")
+    return aliases
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """``({key: shape}, metadata)`` of a safetensors file from its header alone (no tensor data is
+    read), aliased (tied) keys included. The bytes the shapes declare are checked against the
+    file's size: a header cannot announce more data than the file holds."""
+    size = os.path.getsize(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            headers = {key: f.get_slice(key) for key in f.keys()}
+            shapes = {key: tuple(int(n) for n in h.get_shape()) for key, h in headers.items()}
+            dtypes = {key: h.get_dtype() for key, h in headers.items()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the safetensors file: {e}") from e
+    declared = 0
+    for key, shape in shapes.items():
+        numel = 1
+        for n in shape:
+            numel *= n
+        declared += numel * _ITEMSIZE.get(dtypes[key], 0)  # an unknown dtype: safetensors checks it
+    if declared > size:
+        raise CheckpointError(
+            f"{path}: the safetensors header declares {declared:,} bytes of tensors, the file has {size:,}; "
+            "it is corrupt or hostile"
+        )
+    for key, canonical in _aliases(path, meta).items():
+        if canonical not in shapes:
+            raise CheckpointError(f"{path}: tied key {key!r} refers to {canonical!r}, which the file lacks")
+        shapes[key] = shapes[canonical]
+    return shapes, meta
+
+
+def read_safetensors(
+    path: str | os.PathLike, *, map_location: str | torch.device = "cpu", keys: Any = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state dict, metadata)`` of a safetensors file, with aliased (tied) keys restored.
+
+    The header is checked first (:func:`read_safetensors_header`); ``keys``: read only those
+    (a predicate on the key, e.g. ``lambda k: k.startswith(prefix)``), default all.
+    """
+    _, meta = read_safetensors_header(path)  # declared sizes within the file's bytes, before any is read
+    aliases = _aliases(path, meta)
+    device = str(torch.device(map_location))
+    wanted = (lambda key: True) if keys is None else keys
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            state = {key: f.get_tensor(key) for key in f.keys() if wanted(key) or key in aliases.values()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the safetensors file: {e}") from e
     for key, canonical in aliases.items():
+        if not wanted(key):
+            continue
         if canonical not in state:
             raise CheckpointError(f"{path}: tied key {key!r} refers to {canonical!r}, which the file lacks")
         state[key] = state[canonical]
-    return state, meta
+    return {k: v for k, v in state.items() if wanted(k)}, meta
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
