@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -19,6 +20,16 @@ __all__ = ["REGRESSION_LOSSES", "DistillConfig"]
 
 # The regression losses a config may name; the distiller maps the name to a function.
 REGRESSION_LOSSES = ("l2", "pseudo_huber")
+
+# Upper bounds on sizes, checked before anything is allocated (a batch or grid past these is a typo,
+# not a run): integers fit an int64; a global batch fits an int32 index; the sigma grid is small.
+MAX_INT = 2**63 - 1
+MAX_BATCH_SIZE = 2**31 - 1
+MAX_NUM_SIGMAS = 10**7
+# Real numbers stay well inside float32 (the optimisers and losses pass them to float32 kernels);
+# noise levels, learning rates and weight decay, whose products and squares meet, stay below 1e6.
+MAX_FLOAT = 1e30
+MAX_SCALE = 1e6
 
 # Fields that may change between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = frozenset({
@@ -98,15 +109,17 @@ class DistillConfig:
     def __post_init__(self) -> None:
         # Normalise sequences (TOML and JSON give lists); a value that is no sequence of numbers is a
         # ConfigError naming the field, not a bare ValueError / TypeError from float() or int().
-        for name, cast in (("betas", float), ("generator_k_range", int), ("fake_score_k_range", int),
-                           ("gan_k_range", int)):
+        # Integer pairs take integers only (2.5 is not an index); a bool is neither.
+        for name, cast in (("betas", float), ("generator_k_range", operator.index),
+                           ("fake_score_k_range", operator.index), ("gan_k_range", operator.index)):
             value = getattr(self, name)
+            kind = "numbers" if cast is float else "integers"
             try:
                 if isinstance(value, (str, bytes)) or any(isinstance(v, (bool, str)) for v in value):
                     raise TypeError
                 object.__setattr__(self, name, tuple(cast(v) for v in value))
-            except (TypeError, ValueError):
-                raise ConfigError(f"{name} must be a pair of numbers, got {value!r}") from None
+            except (TypeError, ValueError, OverflowError):
+                raise ConfigError(f"{name} must be a pair of {kind}, got {value!r}") from None
         self.validate()
 
     def validate(self) -> None:
@@ -116,32 +129,37 @@ class DistillConfig:
             if not ok:
                 raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
-        def positive_int(name: str) -> None:
+        def positive_int(name: str, hi: int = MAX_INT) -> None:
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "an int >= 1")
+            need(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi, name,
+                 f"an int in [1, {hi}]")
 
-        def finite(name: str, lo: float = -math.inf, strict: bool = True) -> None:
+        def finite(name: str, lo: float = -math.inf, strict: bool = True, hi: float = MAX_FLOAT) -> None:
             v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and -math.inf < v < math.inf
             ok = ok and (v > lo if strict else v >= lo)
             need(ok, name, f"{'>' if strict else '>='} {lo:g}" if lo > -math.inf else "finite")
+            need(v <= hi, name, f"<= {hi:g}")
 
-        for name in ("num_steps", "batch_size", "fake_score_steps", "num_sigmas", "log_every",
-                     "checkpoint_every", "keep_checkpoints", "max_nonfinite_in_a_row"):
+        for name in ("num_steps", "fake_score_steps", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "max_nonfinite_in_a_row"):
             positive_int(name)
-        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed",
-             "an int >= 0")
+        positive_int("batch_size", MAX_BATCH_SIZE)
+        positive_int("num_sigmas", MAX_NUM_SIGMAS)
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_INT,
+             "seed", f"an int in [0, {MAX_INT}]")
         for name in ("gan", "mixed_precision", "compile", "progress_bar", "tensorboard"):
             need(isinstance(getattr(self, name), bool), name, "true or false")
         for name in ("generator_lr", "fake_score_lr", "sigma_min", "sigma_data", "rho"):
-            finite(name, 0.0)
-        finite("weight_decay", 0.0, strict=False)
+            finite(name, 0.0, hi=MAX_SCALE)
+        finite("weight_decay", 0.0, strict=False, hi=MAX_SCALE)
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
              "two numbers in [0, 1)")
         if self.grad_clip is not None:
-            need(isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0, "grad_clip",
-                 "> 0 (or None / inf for no clipping)")
-        finite("sigma_max", 0.0)
+            need(isinstance(self.grad_clip, (int, float)) and not isinstance(self.grad_clip, bool)
+                 and self.grad_clip > 0 and (self.grad_clip == math.inf or self.grad_clip <= MAX_FLOAT),
+                 "grad_clip", "> 0 (or None / inf for no clipping)")
+        finite("sigma_max", 0.0, hi=MAX_SCALE)
         if not self.sigma_min < self.sigma_max:
             raise ConfigError(f"sigma_min must be < sigma_max, got sigma_min={self.sigma_min}, "
                               f"sigma_max={self.sigma_max}")
@@ -153,13 +171,16 @@ class DistillConfig:
         finite("min_normaliser", 0.0)
         finite("gan_discriminator_weight", 0.0, strict=False)
         finite("gan_generator_weight", 0.0, strict=False)
+        need(self.gan_feature_module is None or isinstance(self.gan_feature_module, str),
+             "gan_feature_module", "a string (the name of a fake-score submodule)")
         if self.gan:
             need(isinstance(self.gan_feature_module, str) and bool(self.gan_feature_module),
                  "gan_feature_module", "the name of a fake-score submodule when gan=True")
         finite("regression_weight", 0.0, strict=False)
-        need(self.regression_loss in REGRESSION_LOSSES, "regression_loss", f"one of {REGRESSION_LOSSES}")
+        need(isinstance(self.regression_loss, str) and self.regression_loss in REGRESSION_LOSSES,
+             "regression_loss", f"one of {REGRESSION_LOSSES}")
         if self.regression_batch_size is not None:
-            positive_int("regression_batch_size")
+            positive_int("regression_batch_size", MAX_BATCH_SIZE)
         if self.ema_halflife_steps is not None:
             finite("ema_halflife_steps", 0.0, strict=False)
 
