@@ -25,18 +25,14 @@ from torch import nn
 
 from dmdcopy import _rng
 from dmdcopy._checks import check_sample_shape
-from dmdcopy.contracts import denoise, generate
+from dmdcopy.contracts import denoise
 from dmdcopy.errors import ConfigError, ShapeError
 
-__all__ = ["MultiStepStudent", "OneStepStudent", "call_denoiser", "call_student", "student_noise"]
+__all__ = ["MultiStepStudent", "OneStepStudent", "student_noise"]
 
 _DEFAULT_SIGMA_MAX = 80.0
 
 
-# The contract's label rule under the names the distiller has used (one implementation:
-# dmdcopy.contracts).
-call_denoiser = denoise
-call_student = generate
 
 
 def _default_sigma_max(denoiser: nn.Module, sigma_max: float | None) -> float:

@@ -38,6 +38,9 @@ are strict (``conditional = "false"`` is a string, not a boolean; sizes are inte
 bounds (``hidden`` <= 2**20, ``depth`` <= 1000, ``batch_size`` < 2**31) and must fit in half the
 machine's memory, ``out_dir`` must be a directory this process can create or write to, and
 ``device`` must exist on this machine.
+
+(About 560 lines: the TOML schema, its one-line checks before any work and the run it builds
+are one command's contract with its users.)
 """
 
 from __future__ import annotations

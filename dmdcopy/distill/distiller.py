@@ -20,6 +20,9 @@ step's JSONL record (written by rank 0). A callback may read ``distiller.student
 ``distiller.world_size``, ``distiller.sample_shape``, ``distiller.label_dim`` and
 ``distiller.config``; it runs outside any autograd context the loop sets, so it should wrap its own
 sampling in ``torch.no_grad()``.
+
+(About 560 lines, a third of them the callback protocol's and the constructor's docstrings: the
+trainer loop and its run-safety steps read top to bottom in one place.)
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmdcopy.contracts import denoise
 from dmdcopy.distill import method, rundir
 from dmdcopy.distill import setup as checks
 from dmdcopy.distill.checkpoint import Counters, RunState, check_identity, check_resumable, run_fingerprint
@@ -51,7 +55,7 @@ from dmdcopy.errors import CheckpointError, ConfigError, NonFiniteError, RunInte
 from dmdcopy.io import run_checkpoint as ckpt
 from dmdcopy.losses import ClassifierHead, FeatureHook, l2_regression_loss, pseudo_huber_loss
 from dmdcopy.schedules import dmd_sigma_grid
-from dmdcopy.students import MultiStepStudent, call_denoiser
+from dmdcopy.students import MultiStepStudent
 
 __all__ = ["Callback", "Distiller", "FakeScoreRecord", "GeneratorRecord"]
 
@@ -258,7 +262,7 @@ class Distiller:
     def _probe_features(self) -> tuple[int, ...]:
         x, labels = checks.probe_inputs(self.sample_shape, self.label_dim, self.device, self.dtype)
         with torch.no_grad(), self._autocast():
-            call_denoiser(self.fake_score, x, torch.ones(2, device=self.device, dtype=self.dtype), labels)
+            denoise(self.fake_score, x, torch.ones(2, device=self.device, dtype=self.dtype), labels)
         if self._hook.features is None:
             raise ConfigError(f"gan_feature_module: {self.config.gan_feature_module!r} is never called in "
                               "the fake score's forward (a ModuleList/ModuleDict container?); name a "

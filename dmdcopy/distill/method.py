@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dmdcopy import contracts
+from dmdcopy.contracts import broadcast, denoise
 from dmdcopy.distill.config import DistillConfig
 from dmdcopy.distill.draws import Draws, Stream
 from dmdcopy.losses import (
@@ -35,7 +37,7 @@ from dmdcopy.losses import (
     gan_generator_loss,
 )
 from dmdcopy.schedules import karras_weight
-from dmdcopy.students import MultiStepStudent, call_denoiser, call_student
+from dmdcopy.students import MultiStepStudent
 
 __all__ = [
     "FakeScoreLosses",
@@ -109,10 +111,6 @@ class GeneratorRecord:
     skipped: bool
 
 
-def _bview(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
-
-
 @contextlib.contextmanager
 def _frozen(*modules: nn.Module | None) -> Iterator[None]:
     """Parameters of ``modules`` get no gradient inside (the generator's GAN term)."""
@@ -132,11 +130,11 @@ def generate(G: Callable[..., torch.Tensor], student: nn.Module, z: torch.Tensor
     plain module behind ``G``) trains one step, the same for the whole batch (DMD2's backward
     simulation), with its re-injected noise drawn per sample."""
     if not isinstance(student, MultiStepStudent):
-        return call_student(G, z, labels)
+        return contracts.generate(G, z, labels)
     J = student.num_steps
     noise = draws.noise(Stream.RENOISE, (J - 1, *draws.sample_shape))  # (B, J-1, ...)
     noise = noise.transpose(0, 1).contiguous()  # (J-1, B, ...), the student's layout
-    return call_student(G, z, labels, noise=noise, train_step=draws.train_step(J))
+    return contracts.generate(G, z, labels, noise=noise, train_step=draws.train_step(J))
 
 
 def fake_score_loss(
@@ -155,20 +153,20 @@ def fake_score_loss(
         x = generate(nets.student, nets.student, z, labels, draws).to(draws.dtype)  # sg(G(z))
     b = x.shape[0]
     sigma = draws.sigma(Stream.K, cfg.fake_score_k_range)
-    x_t = x + _bview(sigma, x) * draws.noise(Stream.EPS)
+    x_t = x + broadcast(sigma, x) * draws.noise(Stream.EPS)
     inputs, sigmas, labs = [x_t], [sigma], [labels]
     if cfg.gan:  # the diffusion GAN sees noisy fakes and noisy reals in the same forward
         x_real, l_real = real
         s_fake = draws.sigma(Stream.K_GAN, cfg.gan_k_range)
         s_real = draws.sigma(Stream.K_GAN_REAL, cfg.gan_k_range)
-        inputs += [x + _bview(s_fake, x) * draws.noise(Stream.EPS_GAN),
-                   x_real + _bview(s_real, x) * draws.noise(Stream.EPS_GAN_REAL)]
+        inputs += [x + broadcast(s_fake, x) * draws.noise(Stream.EPS_GAN),
+                   x_real + broadcast(s_real, x) * draws.noise(Stream.EPS_GAN_REAL)]
         sigmas += [s_fake, s_real]
         labs += [labels, l_real]
     all_labels = torch.cat(labs) if labels is not None else None
 
     with autocast():
-        out = call_denoiser(nets.fake_score_call, torch.cat(inputs), torch.cat(sigmas), all_labels)
+        out = denoise(nets.fake_score_call, torch.cat(inputs), torch.cat(sigmas), all_labels)
     # denoising loss weighted by lambda(sigma) = sigma^-2 + sigma_data^-2 (EDM, DMD2)
     dsm = dsm_loss(out[:b], x, sigma, weighting=karras_weight, sigma_data=cfg.sigma_data).mean()
     loss, gan = dsm, None
@@ -222,10 +220,10 @@ def generator_loss(
     loss, gan, reg = cfg.dmd_weight * dmd, None, None
     if cfg.gan:
         s_gan = draws.sigma(Stream.K_GAN, cfg.gan_k_range)
-        x_noisy = x + _bview(s_gan, x) * draws.noise(Stream.EPS_GAN)
+        x_noisy = x + broadcast(s_gan, x) * draws.noise(Stream.EPS_GAN)
         with _frozen(nets.fake_score, nets.discriminator), autocast():
             nets.hook.features = None
-            call_denoiser(nets.fake_score, x_noisy, s_gan, labels)
+            denoise(nets.fake_score, x_noisy, s_gan, labels)
             logits = nets.discriminator(nets.hook.pop())
         gan = gan_generator_loss(logits).mean()
         loss = loss + cfg.gan_generator_weight * gan

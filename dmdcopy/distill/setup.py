@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from dmdcopy import _rng
+from dmdcopy.contracts import denoise, generate
 from dmdcopy.errors import ConfigError, ShapeError
-from dmdcopy.students import call_denoiser, call_student
 
 __all__ = [
     "check_data",
@@ -162,7 +162,7 @@ def probe_student(student: nn.Module, sample_shape: tuple[int, ...], label_dim: 
     """Run the student on two samples so a shape mismatch fails before the first step."""
     z, labels = probe_inputs(sample_shape, label_dim, device, dtype)
     with torch.no_grad(), autocast():
-        x = call_student(student, z, labels)
+        x = generate(student, z, labels)
     if tuple(x.shape) != (2, *sample_shape):
         raise ShapeError(f"student output has shape {tuple(x.shape)} for z of shape {tuple(z.shape)}; "
                          f"expected (B, {sample_shape}) like the teacher's samples")
@@ -198,7 +198,7 @@ def probe_denoiser(D: object, name: str, sample_shape: tuple[int, ...], label_di
         D.eval()
     try:
         with torch.no_grad(), autocast():
-            out = call_denoiser(D, x, sigma, labels)
+            out = denoise(D, x, sigma, labels)
     except (TypeError, RuntimeError) as e:  # a wrong signature; a dtype or shape the network refuses
         raise ConfigError(f"{name}: a test call on x: {tuple(x.shape)} {dtype}, sigma: (2,)"
                           f"{' with class_labels: (2,) int64' if labels is not None else ''} failed "
