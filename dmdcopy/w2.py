@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from dmdcopy.assignment import _work_dtype  # float32 products, or float64 when given
 from dmdcopy.errors import ConfigError, ShapeError
 
 __all__ = [
@@ -237,12 +238,6 @@ def _ridge(cov: torch.Tensor) -> torch.Tensor:
     return cov + (_RIDGE * scale + 1e-300) * torch.eye(k, dtype=cov.dtype, device=cov.device)
 
 
-def _work_dtype(x: torch.Tensor) -> torch.dtype:
-    # The big products run in the samples' precision (float32, or float64 when given); the small
-    # (n, r) and (r, r) algebra and every sum that the bound's cancellation depends on in float64.
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 @dataclass
 class _Rows:
     """Sample rows shifted by a common point (the teacher mean: the bound is translation invariant,
@@ -254,7 +249,7 @@ class _Rows:
     @classmethod
     def of(cls, x: torch.Tensor, rows: torch.Tensor, shift: torch.Tensor) -> _Rows:
         """Rows ``rows`` of ``x: (N, dim)``, shifted."""
-        x = x.index_select(0, rows.to(x.device)).to(_work_dtype(x))  # a fresh copy: shift in place
+        x = x.index_select(0, rows.to(x.device)).to(_work_dtype(x, x.dtype))  # a fresh copy: shift in place
         x.sub_(shift.to(x.dtype))
         return cls(x, x.square().sum(1).double())  # float32 rows: pairwise sums, ~1e-7 relative
 

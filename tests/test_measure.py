@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
+from _dist import free_port
 from torch import nn
 
 import dmdcopy
@@ -203,12 +203,6 @@ def test_top_level_exports():
 # torch.distributed: every rank maps its share, every rank gets the one-process report
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -227,7 +221,7 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_ranks_share_the_seeds_and_agree(tmp_path):
-    torch.multiprocessing.start_processes(_rank_worker, args=(3, _free_port(), str(tmp_path)), nprocs=3,
+    torch.multiprocessing.start_processes(_rank_worker, args=(3, free_port(), str(tmp_path)), nprocs=3,
                                          start_method="fork")
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
     assert got[0] == got[1] == got[2]

@@ -6,11 +6,11 @@ import itertools
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
+from _dist import free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -301,12 +301,6 @@ def test_inputs_that_require_grad_are_fine():
     assert pairing_inefficiency(s, t, n_boot=0) == pairing_inefficiency(s.detach(), t, n_boot=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
@@ -337,7 +331,7 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_accumulator_gathers_across_processes(tmp_path):
-    torch.multiprocessing.start_processes(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+    torch.multiprocessing.start_processes(_dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
                                          start_method="fork")  # fork: no re-import, fast
     g = _gen(14)
     t = torch.randn(90, 4, generator=g)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
+from _dist import free_port
 from torch import nn
 
 from dmdcopy.errors import CheckpointError, ConfigError, ShapeError
@@ -259,12 +259,6 @@ def test_fingerprint_sees_exact_teachers_data_and_scalar_buffers(tmp_path):
     assert teacher_fingerprint(_teacher()) == teacher_fingerprint(_teacher())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
@@ -280,7 +274,7 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_ranks_split_the_shards(tmp_path):
-    torch.multiprocessing.start_processes(_rank_worker, args=(2, _free_port(), str(tmp_path / "dist")),
+    torch.multiprocessing.start_processes(_rank_worker, args=(2, free_port(), str(tmp_path / "dist")),
                                          nprocs=2, start_method="fork")  # fork: no re-import, fast
     rows = [torch.load(tmp_path / "dist" / f"rows{r}.pt") for r in range(2)]
     assert rows[0] == rows[1] > 0  # 3 shards each

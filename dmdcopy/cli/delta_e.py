@@ -94,13 +94,12 @@ def register(subparsers) -> None:
 
 
 def _device(name: str) -> torch.device:
+    from dmdcopy.cli.distill import check_device  # the one device check of the command line
+
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"--device {name!r}: {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return device
+        return check_device(name)
+    except ConfigError as e:
+        raise ConfigError(f"--{e}") from None
 
 
 def _is_denoiser(m: nn.Module) -> bool:
