@@ -47,6 +47,8 @@ action, path = sys.argv[1], sys.argv[2]
 try:
     if action == "load":
         dmdcopy.io.load(path)
+    elif action == "state":
+        dmdcopy.io.read_torch_state(path)
     else:
         dmdcopy.io.convert(path, path + ".out.safetensors")
     outcome = "loaded"
@@ -260,3 +262,30 @@ def test_compressed_torch_zip_is_refused_before_inflating(tmp_path):
     # an ordinary torch.save archive passes the check and reads as before
     with pytest.raises(CheckpointError, match="does not fit Linear"):
         load(plain, into=torch.nn.Linear(1, 1))
+
+
+@pytest.mark.parametrize("numel", [10**9, 2**40])
+def test_legacy_torch_file_declaring_huge_storages_is_refused_before_allocating(tmp_path, numel):
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(7)}, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    assert data.count(b"K\x07N") == 1  # the storage's element count (BININT1 7) before its NONE
+    path.write_bytes(data.replace(b"K\x07N", pickle.dumps(numel, protocol=2)[2:-1] + b"N"))
+    outcome = _assert_refused(path, "legacy torch.save file declaring", action="state")
+    assert f"{numel * 4:,} bytes of tensor storage" in outcome
+    # the unedited file still reads
+    ok = tmp_path / "ok.pt"
+    torch.save({"w": torch.arange(7.0)}, ok, _use_new_zipfile_serialization=False)
+    from dmdcopy.io import read_torch_state
+
+    assert torch.equal(read_torch_state(ok)["w"], torch.arange(7.0))
+
+
+def test_compressed_torch_zip_is_refused_by_the_plain_state_reader(tmp_path):
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(2_000_000)}, plain)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(plain) as zin, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+    _assert_refused(bomb, "torch.save never compresses", action="state")

@@ -184,6 +184,33 @@ def test_resume_refuses_another_run_and_names_the_fields(tmp_path):
     assert d.step == 4
 
 
+def test_resume_refuses_other_initial_weights_unless_allowed(tmp_path, capsys):
+    distiller(tmp_path, num_steps=2).train()
+    with pytest.raises(CheckpointError, match=r"\['fake_score_init', 'student_init'\] differ; the "
+                                              r"networks were initialised differently.*allow_new_init"):
+        distiller(tmp_path, seed=5).train(resume="latest")
+    d = distiller(tmp_path, seed=5, num_steps=3)
+    d.train(resume="latest", allow_new_init=True)
+    assert d.step == 3
+    assert "initial weights differ" in capsys.readouterr().err
+
+
+def test_the_default_discriminator_is_seeded_by_the_config(tmp_path):
+    real = gmm().sample(64, generator=torch.Generator().manual_seed(0))
+
+    def head(seed, global_seed):
+        torch.manual_seed(0)
+        student, fake = OneStepStudent(net(), 80.0), net()
+        torch.manual_seed(global_seed)  # the global RNG state at construction must not matter
+        d = Distiller(gmm(), student, fake_score=fake, real_data=real,
+                      config=config(gan=True, seed=seed, gan_feature_module="model.blocks.0.fc2"))
+        return {k: v.clone() for k, v in d.discriminator.state_dict().items()}
+
+    a, b, c = head(0, 1), head(0, 2), head(1, 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 # --- 4. teacher faults ------------------------------------------------------------------------------
 
 

@@ -128,9 +128,10 @@ def check_resumable(saved: Mapping[str, Any], config: DistillConfig, source: str
                               "may change)")
 
 
-# Fingerprint fields whose difference is reported but allowed: initial weights drawn from an
-# unseeded generator differ between two launches of the same script.
-_INIT_FIELDS = ("student_init", "fake_score_init")
+# Fingerprint fields of the networks' initial weights: refused by default like every other field,
+# accepted with ``allow_new_init=True`` (a script that builds its networks from the unseeded global
+# RNG draws other initial weights at each launch; the trained weights come from the checkpoint).
+_INIT_FIELDS = ("student_init", "fake_score_init", "discriminator_init")
 
 
 def _short(text: str) -> str:
@@ -162,19 +163,27 @@ def run_fingerprint(*, teacher: nn.Module | Callable[..., torch.Tensor], student
     }
     if discriminator is not None:
         out["discriminator_architecture"] = _architecture(discriminator)
+        out["discriminator_init"] = digest(discriminator.state_dict())[:16]
     return out
 
 
-def check_identity(saved: Mapping[str, Any] | None, now: Mapping[str, Any], source: str) -> None:
-    """Refuse a checkpoint of another run (a checkpoint without a fingerprint, written before
-    fingerprints existed, is accepted). A different initial-weights digest is only reported."""
+def check_identity(saved: Mapping[str, Any] | None, now: Mapping[str, Any], source: str, *,
+                   allow_new_init: bool = False) -> None:
+    """Refuse a checkpoint of another run, naming the fields that differ (a checkpoint without a
+    fingerprint, written before fingerprints existed, is accepted). Different initial weights are
+    refused too unless ``allow_new_init``, and then only reported."""
     if saved is None:
         return
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    refused = [k for k in changed if k not in _INIT_FIELDS]
+    # (an init digest the checkpoint predates, such as ``discriminator_init``, is not compared)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
+                     and (k in saved or k not in _INIT_FIELDS))
+    refused = [k for k in changed if not allow_new_init or k not in _INIT_FIELDS]
     if refused:
-        raise CheckpointError(f"{source}: the checkpoint belongs to another run: {refused} differ; resume "
-                              "with the same teacher, networks and process count, or start a new out_dir")
+        hint = ("; the networks were initialised differently: seed their construction (e.g. "
+                "torch.manual_seed before building them), or pass allow_new_init=True to load the "
+                "trained weights over them" if set(refused) <= set(_INIT_FIELDS) else
+                "; resume with the same teacher, networks and process count, or start a new out_dir")
+        raise CheckpointError(f"{source}: the checkpoint belongs to another run: {refused} differ{hint}")
     if changed:
         print(f"dmdcopy: note: {source}: the networks' initial weights differ from the run's "
               f"({changed}); their trained weights are loaded from the checkpoint", file=sys.stderr)

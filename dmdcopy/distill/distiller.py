@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmdcopy import _rng
 from dmdcopy.contracts import denoise
 from dmdcopy.distill import method, rundir
 from dmdcopy.distill import setup as checks
@@ -61,6 +62,9 @@ __all__ = ["Callback", "Distiller", "FakeScoreRecord", "GeneratorRecord"]
 
 Callback = Callable[["Distiller", int], "dict[str, float] | None"]
 
+# Key (with the config seed) of the default discriminator head's initial weights; no training
+# draw uses a one-part suffix, so it is apart from all of them.
+_DISCRIMINATOR_INIT_KEY = 0xD15C
 _REGRESSION_FNS = {"l2": l2_regression_loss, "pseudo_huber": pseudo_huber_loss}
 
 
@@ -236,7 +240,12 @@ class Distiller:
             self._hook = FeatureHook(self.fake_score, cfg.gan_feature_module)
             try:
                 if discriminator is None:
-                    discriminator = ClassifierHead(self._probe_features())
+                    features = self._probe_features()
+                    # Seeded from the run's seed (and not from the global RNG), so two runs of one
+                    # config start from the same head and a resume can check it.
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(_rng.derive_key(cfg.seed, _DISCRIMINATOR_INIT_KEY))
+                        discriminator = ClassifierHead(features)
             except BaseException:
                 self._hook.remove()
                 raise
@@ -371,9 +380,10 @@ class Distiller:
 
     # --- the loop -------------------------------------------------------------------------------
 
-    def train(self, *, resume: str | os.PathLike | None = None) -> Distiller:
+    def train(self, *, resume: str | os.PathLike | None = None, allow_new_init: bool = False) -> Distiller:
         """Run until ``config.num_steps`` steps are done; ``resume="latest"`` or a path first
-        restores a checkpoint (``"latest"`` starts fresh when ``out_dir`` holds none).
+        restores a checkpoint (``"latest"`` starts fresh when ``out_dir`` holds none; see
+        :meth:`resume` for ``allow_new_init``).
 
         With ``out_dir``, rank 0 holds the directory's writer lock for the whole call, removes
         temp files of interrupted writes and, without ``resume``, refuses (or with ``overwrite``
@@ -382,7 +392,7 @@ class Distiller:
         """
         with self._own_out_dir(fresh=resume is None), self._signals_stop():
             if resume is not None:
-                self.resume(resume)
+                self.resume(resume, allow_new_init=allow_new_init)
             self._loop()
         return self
 
@@ -518,8 +528,13 @@ class Distiller:
                                    up_to=self.step)
         return path
 
-    def resume(self, source: str | os.PathLike) -> Path | None:
+    def resume(self, source: str | os.PathLike, *, allow_new_init: bool = False) -> Path | None:
         """Restore from ``"latest"`` (newest valid checkpoint in ``out_dir``; none: no-op) or a path.
+
+        A checkpoint of another run (teacher, architectures, initial weights, process count, or a
+        config field other than the lengths and intervals) is refused, naming what differs.
+        ``allow_new_init=True`` accepts networks initialised differently from the run's (their
+        trained weights are loaded over them): for scripts that build networks unseeded.
 
         ``"latest"`` skips (and reports on stderr) a damaged or corrupt checkpoint for the newest
         one that reads back whole and matches its digest; when checkpoints exist but none does, it
@@ -527,7 +542,7 @@ class Distiller:
         """
         if str(source) != "latest":
             path = Path(source)
-            self.load_checkpoint(path)
+            self.load_checkpoint(path, allow_new_init=allow_new_init)
             return path
         if self.out_dir is None:
             raise ConfigError("resume='latest' needs out_dir")
@@ -542,21 +557,23 @@ class Distiller:
                 if self.is_main:
                     print(f"dmdcopy: skipping {path.name}: {e}", file=sys.stderr)
                 continue
-            self._load(read, path)
+            self._load(read, path, allow_new_init=allow_new_init)
             return path
         raise CheckpointError(f"{self.out_dir}: none of its {len(found)} checkpoint(s) reads back whole "
                               "(see above); resume from a copy, or start afresh with overwrite=True "
                               "(`--overwrite`), which moves them aside")
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Load weights, optimiser states, counters and RNG states from a checkpoint file."""
-        self._load(ckpt.read_checkpoint(path), Path(path))
+    def load_checkpoint(self, path: str | os.PathLike, *, allow_new_init: bool = False) -> None:
+        """Load weights, optimiser states, counters and RNG states from a checkpoint file (of this
+        run: see :meth:`resume`)."""
+        self._load(ckpt.read_checkpoint(path), Path(path), allow_new_init=allow_new_init)
 
-    def _load(self, read: tuple[dict[str, torch.Tensor], dict[str, Any]], path: Path) -> None:
+    def _load(self, read: tuple[dict[str, torch.Tensor], dict[str, Any]], path: Path, *,
+              allow_new_init: bool = False) -> None:
         tensors, state = read
         check_resumable(state.get("config", {}), self.config, str(path))
         self.run_state.check(tensors, state, source=str(path))
-        check_identity(state.get("fingerprint"), self.fingerprint, str(path))
+        check_identity(state.get("fingerprint"), self.fingerprint, str(path), allow_new_init=allow_new_init)
         self.run_state.load(tensors, state, source=str(path))
         if state.get("run_id"):
             self.run_id = str(state["run_id"])

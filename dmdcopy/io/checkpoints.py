@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 
 from dmdcopy.errors import CheckpointError
 from dmdcopy.io.architectures import INIT_PREFIX, build_module, check_wrapper_settings, init_tensors
-from dmdcopy.io.formats import EDM_PICKLE, SAFETENSORS, TORCH_ZIP, detect_format
+from dmdcopy.io.formats import EDM_PICKLE, SAFETENSORS, detect_format
 from dmdcopy.io.run_checkpoint import is_run_checkpoint, split_entry
 from dmdcopy.io.safetensors_io import read_safetensors, read_safetensors_header, save
 from dmdcopy.io.state import build_checked, load_state_checked
@@ -44,30 +43,6 @@ def _check_init_tensors(into: nn.Module, init: dict[str, torch.Tensor], source: 
         raise CheckpointError(f"{source} holds {type(into).__name__} constructor tensors "
                               f"{sorted(k[len(INIT_PREFIX):] for k in init)} that differ from those of the "
                               "module passed as into=; load it without into= to rebuild it from the file")
-
-
-def check_torch_zip_sizes(path: str | os.PathLike) -> None:
-    """Refuse a ``torch.save`` zip whose entries unpack to more bytes than the archive holds.
-
-    ``torch.save`` stores its entries uncompressed; ``torch.load`` nevertheless inflates deflated
-    ones, so a 200 KB archive could otherwise unpack to gigabytes of tensor storage.
-    """
-    if detect_format(path) != TORCH_ZIP:
-        return
-    size = os.path.getsize(path)
-    try:
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: truncated or damaged zip archive ({e})") from e
-    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
-    total = sum(i.file_size for i in infos)
-    if packed or total > size:
-        raise CheckpointError(
-            f"{path}: a torch.save archive whose entries unpack to {total:,} bytes from {size:,}"
-            + (f" (compressed entries {packed[:3]}; torch.save never compresses)" if packed else "")
-            + "; refused before reading it: the file is corrupt or hostile"
-        )
 
 
 def _rebuild_from_file(
@@ -159,7 +134,6 @@ def load(
         return into
     from dmdcopy.io.dmd2 import load_dmd2_checkpoint
 
-    check_torch_zip_sizes(path)
     if into is None:
         raise CheckpointError(
             f"{path}: a torch.save state dict carries no architecture; pass load(path, into=module) "
@@ -199,7 +173,6 @@ def convert(
     else:
         from dmdcopy.io.dmd2 import load_dmd2_checkpoint
 
-        check_torch_zip_sizes(src)
         if architecture is None:
             raise CheckpointError(
                 f"{src}: a torch.save state dict carries no architecture; pass architecture="

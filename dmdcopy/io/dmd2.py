@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dmdcopy.errors import CheckpointError
-from dmdcopy.io.formats import TORCH_LEGACY, TORCH_ZIP, detect_format
+from dmdcopy.io.formats import TORCH_LEGACY, TORCH_ZIP, check_torch_sizes, detect_format
 from dmdcopy.io.state import load_state_checked
 
 __all__ = ["dmd2_imagenet64", "load_dmd2_checkpoint", "read_torch_state", "strip_prefix"]
@@ -35,6 +35,7 @@ def read_torch_state(
     fmt = detect_format(path)
     if fmt not in (TORCH_ZIP, TORCH_LEGACY):
         raise CheckpointError(f"{path}: expected a torch.save state dict, this is a {fmt} file")
+    check_torch_sizes(path)  # nothing is allocated that the file's bytes do not back
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import struct
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from torch.serialization import MAGIC_NUMBER
 
 from dmdcopy.errors import CheckpointError
 
-__all__ = ["EDM_PICKLE", "SAFETENSORS", "TORCH_LEGACY", "TORCH_ZIP", "detect_format"]
+__all__ = ["EDM_PICKLE", "SAFETENSORS", "TORCH_LEGACY", "TORCH_ZIP", "check_torch_sizes", "detect_format"]
 
 SAFETENSORS = "safetensors"
 EDM_PICKLE = "pickle"  # a plain pickle: EDM's network snapshots
@@ -127,3 +129,87 @@ def detect_format(path: str | os.PathLike) -> str:
         text = path.read_bytes() if size < 1_000_000 else head
         raise CheckpointError(f"{path}: this is {_describe_text(text)}; {_EXPECTED}")
     raise CheckpointError(f"{path}: unrecognised binary file (starts with {head[:8].hex()}); {_EXPECTED}")
+
+
+# --- torch.save files: what they would allocate, checked before torch.load -----------------------
+
+
+class _Inert:
+    """Whatever a scanned pickle names or builds: accepts calls and items, does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
+        return _Inert()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+# Bytes per element of the typed storages a legacy file names (``torch.FloatStorage``, ...).
+_ITEMSIZE = {"Float": 4, "Double": 8, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
+             "Char": 1, "Byte": 1, "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16}
+
+
+class _StorageSizeScan(pickle.Unpickler):
+    """Reads a legacy ``torch.save`` pickle without building anything, adding up the bytes of the
+    storages it declares (``('storage', StorageClass, key, location, numel)``)."""
+
+    nbytes = 0
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name.endswith("Storage"):
+            return ("storage-type", _ITEMSIZE.get(name[: -len("Storage")], 16))  # unknown: the widest
+        return _Inert
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+            itemsize = pid[1][1] if isinstance(pid[1], tuple) and len(pid[1]) == 2 else 16
+            numel = pid[4]
+            if not isinstance(numel, int) or numel < 0:
+                raise pickle.UnpicklingError(f"storage of {numel!r} elements")
+            self.nbytes += numel * itemsize
+        return _Inert()
+
+
+def check_torch_sizes(path: str | os.PathLike) -> None:
+    """Refuse a ``torch.save`` file that would allocate more than its own bytes back.
+
+    - Zip archives: ``torch.save`` stores entries uncompressed, but ``torch.load`` inflates deflated
+      ones, so a 200 KB archive could unpack to gigabytes.
+    - Legacy files: ``torch.load`` allocates each storage at its declared size before reading its
+      bytes, so a few KB could ask for gigabytes; the declarations are added up first.
+    """
+    fmt = detect_format(path)
+    size = os.path.getsize(path)
+    if fmt == TORCH_ZIP:
+        try:
+            with zipfile.ZipFile(path) as z:
+                infos = z.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{path}: truncated or damaged zip archive ({e})") from e
+        packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+        total = sum(i.file_size for i in infos)
+        if packed or total > size:
+            raise CheckpointError(
+                f"{path}: a torch.save archive whose entries unpack to {total:,} bytes from {size:,}"
+                + (f" (compressed entries {packed[:3]}; torch.save never compresses)" if packed else "")
+                + "; refused before reading it: the file is corrupt or hostile")
+    elif fmt == TORCH_LEGACY:
+        with open(path, "rb") as f:
+            try:
+                for _ in range(3):  # magic number, protocol version, system info
+                    _StorageSizeScan(f).load()
+                scan = _StorageSizeScan(f)
+                scan.load()
+            except Exception as e:  # any failure of a hostile stream is one error
+                raise CheckpointError(f"{path}: unreadable legacy torch.save file "
+                                      f"({type(e).__name__}: {e})") from e
+        if scan.nbytes > size:
+            raise CheckpointError(
+                f"{path}: a legacy torch.save file declaring {scan.nbytes:,} bytes of tensor storage "
+                f"in {size:,} bytes; refused before reading it: the file is corrupt or hostile")
