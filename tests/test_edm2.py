@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dmdcopy.errors import CheckpointError, ConfigError, ShapeError
-from dmdcopy.io import load, load_edm_pickle, read_edm_pickle, save
+from dmdcopy.io import convert, load, load_edm_pickle, read_edm_pickle, save
 from dmdcopy.nets import edm2
 from dmdcopy.nets.edm2 import EDM2Precond, EDM2UNet, MPConv, MPFourier, edm2_img64
 
@@ -122,6 +122,95 @@ def test_resample_is_box_down_and_nearest_up():
     up = F.interpolate(x, scale_factor=2.0, mode="nearest")
     torch.testing.assert_close(edm2.resample(x, (1, 1), "up"), up)
     assert edm2.resample(x) is x
+
+
+def ref_block(blk, x, emb):
+    """One EDM2 block (Figure 21) in float64 from the equations, with filter (1, 1) resampling."""
+    x, emb = x.double(), emb.double()
+    w = {k: v.detach().double() for k, v in blk.named_parameters()}
+    conv = lambda h, name, gain=1.0: F.conv2d(h, ref_weight(w[name + ".weight"], gain),  # noqa: E731
+                                              padding=w[name + ".weight"].shape[-1] // 2)
+    silu = lambda h: F.silu(h) / 0.596  # noqa: E731
+    msum = lambda a, b, t: ((1 - t) * a + t * b) / math.sqrt((1 - t) ** 2 + t**2)  # noqa: E731
+    if blk.resample_mode == "down":
+        x = F.avg_pool2d(x, 2)
+    elif blk.resample_mode == "up":
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    if blk.flavor == "enc":
+        x = conv(x, "conv_skip") if blk.conv_skip is not None else x
+        x = x / (1e-4 + x.square().mean(dim=1, keepdim=True).sqrt())
+    y = conv(silu(x), "conv_res0")
+    c = emb @ ref_weight(w["emb_linear.weight"], w["emb_gain"]).t() + 1
+    y = conv(silu(y * c[:, :, None, None]), "conv_res1")
+    if blk.flavor == "dec" and blk.conv_skip is not None:
+        x = conv(x, "conv_skip")
+    x = msum(x, y, blk.res_balance)
+    if blk.num_heads:
+        B, C, H, W = x.shape
+        qkv = conv(x, "attn_qkv").reshape(B, blk.num_heads, C // blk.num_heads, 3, H * W)
+        qkv = qkv / (1e-4 + qkv.square().mean(dim=2, keepdim=True).sqrt())
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        a = torch.softmax(q.transpose(2, 3) @ k / math.sqrt(q.shape[2]), dim=-1)  # (B, h, HW, HW)
+        y = (v @ a.transpose(2, 3)).reshape(B, C, H, W)
+        x = msum(x, conv(y, "attn_proj"), blk.attn_balance)
+    return x.clamp(-blk.clip_act, blk.clip_act)
+
+
+@pytest.mark.parametrize(
+    "args, kw",
+    [
+        ((8, 16, 12, "enc", "down"),
+         dict(attention=True, channels_per_head=4, res_balance=0.4, attn_balance=0.2)),
+        ((24, 16, 12, "dec", "up"), dict(attention=True, channels_per_head=8, clip_act=1.5)),
+        ((16, 16, 12, "dec"), {}),
+    ],
+)
+def test_block_against_the_equations(args, kw):
+    blk = randomise(edm2.Block(*args, **kw))
+    x, emb = torch.randn(2, args[0], 8, 8) * 2, torch.randn(2, 12)
+    assert (blk.conv_skip is None) == (args[0] == args[1]) and bool(blk.num_heads) == ("attention" in kw)
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x, emb).double(), ref_block(blk, x, emb), rtol=1e-4, atol=1e-4)
+
+
+def ref_unet(unet, x, c_noise, labels):
+    """EDM2's UNet forward (Figure 21) in float64 from the equations, over the module's blocks."""
+    w = lambda name: unet.get_parameter(name + ".weight").detach().double()  # noqa: E731
+    silu = lambda h: F.silu(h) / 0.596  # noqa: E731
+    fourier = math.sqrt(2) * torch.cos(c_noise.double()[:, None] * unet.emb_fourier.freqs.double()
+                                       + unet.emb_fourier.phases.double())
+    emb = fourier @ ref_weight(w("emb_noise")).t()
+    if labels is not None:
+        t = unet.label_balance
+        by_label = (labels.double() * math.sqrt(labels.shape[1])) @ ref_weight(w("emb_label")).t()
+        emb = ((1 - t) * emb + t * by_label) / math.sqrt((1 - t) ** 2 + t**2)
+    emb = silu(emb)
+    h = torch.cat([x.double(), torch.ones_like(x[:, :1]).double()], dim=1)
+    skips = []
+    for name, blk in unet.enc.items():
+        if name.endswith("conv"):
+            h = F.conv2d(h, ref_weight(w(f"enc.{name}")), padding=1)
+        else:
+            h = ref_block(blk, h, emb)
+        skips.append(h)
+    for name, blk in unet.dec.items():
+        if "block" in name:
+            s, t = skips.pop(), unet.concat_balance
+            scale = math.sqrt((h.shape[1] + s.shape[1]) / ((1 - t) ** 2 + t**2))
+            h = torch.cat([h * (scale * (1 - t) / math.sqrt(h.shape[1])),
+                           s * (scale * t / math.sqrt(s.shape[1]))], dim=1)
+        h = ref_block(blk, h, emb)
+    return F.conv2d(h, ref_weight(w("out_conv"), unet.out_gain.detach().double()), padding=1)
+
+
+@pytest.mark.parametrize("label_dim", [0, 5])
+def test_unet_against_the_equations(label_dim):
+    net = randomise(tiny(label_dim, concat_balance=0.7, label_balance=0.4, num_blocks=2)).unet
+    x, c_noise = torch.randn(2, 3, 8, 8), torch.tensor([-1.0, 0.8])
+    labels = F.one_hot(torch.tensor([1, 4]), 5).float() if label_dim else None
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, c_noise, labels).double(), ref_unet(net, x, c_noise, labels),
+                                   rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- presets and keys
@@ -368,6 +457,10 @@ def test_edm2_snapshot_imports_to_identical_outputs(tmp_path, edm2_modules, monk
     with torch.no_grad():
         torch.testing.assert_close(got(x, sigma, labels, return_logvar=True),
                                    want_net(x, sigma, labels, return_logvar=True), rtol=0, atol=0)
+    convert(tmp_path / "network-snapshot.pkl", tmp_path / "converted.safetensors")  # dmdcopy convert
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "converted.safetensors")(x, sigma, labels),
+                                   want_net(x, sigma, labels), rtol=0, atol=0)
     record = read_edm_pickle(tmp_path / "network-snapshot.pkl")
     assert record.class_name == "Precond" and record.children["unet"].class_name == "UNet"
     assert record.state_dict().keys() == net.state_dict().keys()
