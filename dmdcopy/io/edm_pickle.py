@@ -35,8 +35,8 @@ may not add up to more than twice its size, and the network the file records is 
 ``meta`` device and compared with its tensors before it is built for real
 (:func:`dmdcopy.io.state.build_checked`). A file of a few KB cannot ask for gigabytes.
 
-(About 600 lines: the restricted unpickler, its allow-list and the rebuild of EDM's objects are
-one security boundary; splitting it would spread what may execute over several files.)
+(About 700 lines: the restricted unpickler, its allow-list and the rebuild of EDM's and EDM2's
+objects are one security boundary; splitting it would spread what may execute over several files.)
 """
 
 from __future__ import annotations
