@@ -145,6 +145,8 @@ _ARCHITECTURES: tuple[_Entry, ...] = (
     _Entry("dmdcopy.nets.image_mlp", "ImageMLP", _init_kwargs),
     _Entry("dmdcopy.nets.unet", "SongUNet", _init_kwargs),
     _Entry("dmdcopy.nets.unet", "DhariwalUNet", _init_kwargs),
+    _Entry("dmdcopy.nets.edm2", "EDM2Precond", _init_kwargs),  # a denoiser: the UNet is built inside
+    _Entry("dmdcopy.nets.edm2", "EDM2UNet", _init_kwargs),
     _Entry("dmdcopy.students", "OneStepStudent", _one_step_kwargs, ("denoiser",)),
     _Entry("dmdcopy.students", "MultiStepStudent", _multi_step_kwargs, ("denoiser",)),
     _Entry("dmdcopy.teachers", "GaussianTeacher", _gaussian_kwargs, build=_build_gaussian),

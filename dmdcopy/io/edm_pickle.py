@@ -4,9 +4,12 @@ What an EDM network snapshot (``network-snapshot-*.pkl``, written by ``pickle.du
 ``training/training_loop.py``) contains, as far as this reader is concerned:
 
 - a ``dict`` with entries ``ema`` (the network), ``loss_fn``, ``augment_pipe`` (or ``None``) and
-  ``dataset_kwargs``;
+  ``dataset_kwargs``; EDM2's snapshots (``training/training_loop.py`` of EDM2) are a
+  ``dnnlib.util.EasyDict`` (a dict subclass, read as a dict) with ``ema`` (a
+  ``training.networks_edm2.Precond`` in float16), ``loss_fn``, ``encoder`` and ``dataset_kwargs``;
 - every network module of EDM's ``training/networks.py`` (``EDMPrecond``, ``DhariwalUNet``, but
-  also ``Conv2d``, ``UNetBlock``, ...) is a *persistent class*: it pickles as a call
+  also ``Conv2d``, ``UNetBlock``, ...) and of EDM2's ``training/networks_edm2.py`` (``Precond``,
+  ``UNet``, ``Block``, ``MPConv``, ``MPFourier``) is a *persistent class*: it pickles as a call
   ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` with
   ``meta = {"type": "class", "version": 6, "module_src": <source of the defining module>,
   "class_name": "EDMPrecond", "state": <the object's __dict__>}``, and the state holds the
@@ -32,8 +35,8 @@ may not add up to more than twice its size, and the network the file records is 
 ``meta`` device and compared with its tensors before it is built for real
 (:func:`dmdcopy.io.state.build_checked`). A file of a few KB cannot ask for gigabytes.
 
-(About 600 lines: the restricted unpickler, its allow-list and the rebuild of EDM's objects are
-one security boundary; splitting it would spread what may execute over several files.)
+(About 700 lines: the restricted unpickler, its allow-list and the rebuild of EDM's and EDM2's
+objects are one security boundary; splitting it would spread what may execute over several files.)
 """
 
 from __future__ import annotations
@@ -492,6 +495,8 @@ def read_edm_pickle(path: str | os.PathLike, *, key: str | None = "ema") -> Pick
     network itself rather than a snapshot dict.
     """
     obj = _unpickle(path)
+    if isinstance(obj, _Placeholder) and obj.qualified_name == "dnnlib.util.EasyDict":
+        obj = dict(obj.items)  # EDM2 snapshots are an EasyDict (a dict subclass), EDM's a dict
     if isinstance(obj, dict) and key is not None:
         if key not in obj:
             keys = sorted(obj, key=repr)
@@ -551,6 +556,17 @@ _PRECOND_DEFAULTS = {
 }
 
 
+# EDM2's wrapper (training/networks_edm2.py) and its UNet; dmdcopy's EDM2Precond takes EDM2's
+# options in EDM2's positional order, the block options as explicit keywords.
+_EDM2_PRECOND, _EDM2_UNET = "Precond", "UNet"
+
+
+def _edm2_precond() -> type:
+    from dmdcopy.nets.edm2 import EDM2Precond
+
+    return EDM2Precond
+
+
 def _network_class(name: str) -> type:
     from dmdcopy.nets import unet
 
@@ -560,6 +576,8 @@ def _network_class(name: str) -> type:
 def _signature(class_name: str) -> tuple[str, ...]:
     if class_name in _EDM_PRECOND_SIGNATURES:
         return _EDM_PRECOND_SIGNATURES[class_name]
+    if class_name == _EDM2_PRECOND:
+        return constructor_options(_edm2_precond())
     return constructor_options(_network_class(class_name))
 
 
@@ -608,13 +626,44 @@ def _build_unet(record: PickledModule) -> nn.Module:
         raise CheckpointError(f"cannot build {record.class_name} from EDM's options {options}: {e}") from e
 
 
+def _build_edm2(record: PickledModule, net_dtype: torch.dtype | None) -> nn.Module:
+    """dmdcopy's EDM2Precond from EDM2's ``Precond`` record: the options a file may set are those
+    dmdcopy's class records (EDM2's ``Precond``, ``UNet`` and ``Block`` options by name)."""
+    cls = _edm2_precond()
+    unet = record.children.get("unet")
+    if unet is None or unet.class_name != _EDM2_UNET:
+        found = None if unet is None else unet.class_name
+        raise CheckpointError(
+            f"EDM2's Precond.unet is {found}; dmdcopy rebuilds EDM2's UNet; for others build the module "
+            "and use load(path, into=module)"
+        )
+    allowed = constructor_options(cls)
+    # EDM2 keeps some options as attributes too; those win over the recorded constructor call.
+    options = {**_options(record), **{k: v for k, v in record.attributes.items() if k in allowed}}
+    unknown = [name for name in options if name not in allowed]
+    if unknown:
+        raise CheckpointError(
+            f"EDM2's Precond records options {unknown} that dmdcopy's EDM2Precond does not take "
+            f"(it takes {list(allowed)})"
+        )
+    if net_dtype not in (None, torch.float32, torch.float16):
+        raise CheckpointError(f"an EDM2 network runs in float32 or float16, not {net_dtype}")
+    options["use_fp16"] = net_dtype is torch.float16  # EDM2's own rule: float16 on CUDA only
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot build EDM2Precond from EDM2's options {options}: {e}") from e
+
+
 def _build(record: PickledModule, net_dtype: torch.dtype | None) -> nn.Module:
     from dmdcopy import precond
 
+    if record.class_name == _EDM2_PRECOND:
+        return _build_edm2(record, net_dtype)
     if record.class_name not in _EDM_PRECOND_SIGNATURES:
         raise CheckpointError(
-            f"the pickled network is an EDM {record.class_name}; dmdcopy rebuilds EDMPrecond, VPPrecond and "
-            "VEPrecond; for others build the module and use load(path, into=module)"
+            f"the pickled network is an EDM {record.class_name}; dmdcopy rebuilds EDMPrecond, VPPrecond, "
+            "VEPrecond (EDM) and Precond (EDM2); for others build the module and use load(path, into=module)"
         )
     model = record.children.get("model")
     if model is None or model.class_name not in _EDM_NETWORKS:
@@ -645,14 +694,18 @@ def load_edm_pickle(
     net_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Import an EDM network pickle as dmdcopy's ``EDMPrecond``/``VPPrecond``/``VEPrecond`` around a
-    ``SongUNet``/``DhariwalUNet``, weights loaded with ``strict=True``; nothing from the file runs.
+    ``SongUNet``/``DhariwalUNet``, or an EDM2 one as :class:`~dmdcopy.nets.edm2.EDM2Precond`, weights
+    loaded with ``strict=True``; nothing from the file runs.
 
     Args:
-        path: e.g. ``edm-imagenet-64x64-cond-adm.pkl`` or ``network-snapshot-*.pkl``.
+        path: e.g. ``edm-imagenet-64x64-cond-adm.pkl``, ``edm2-img64-s-1073741-0.075.pkl`` or
+            ``network-snapshot-*.pkl``.
         key: entry of the snapshot dict (``"ema"``); ``None`` if the pickle is the network itself.
         map_location: device of the returned module.
-        net_dtype: dtype the UNet runs in. EDM's ``use_fp16=True`` ran float16 on CUDA only;
-            pass ``torch.float16`` to do the same, default keeps float32.
+        net_dtype: dtype the UNet runs in. EDM's and EDM2's ``use_fp16=True`` ran float16 on CUDA
+            only; pass ``torch.float16`` to do the same (for EDM2: ``use_fp16=True``), default
+            keeps float32. EDM2 stores its snapshots' weights in float16; they are loaded into
+            float32 parameters.
 
     Returns:
         The network in eval mode (as EDM's snapshots), ``requires_grad`` left on.
