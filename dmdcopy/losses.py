@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from dmdcopy._checks import check_x_sigma
 from dmdcopy.contracts import broadcast, denoise
 from dmdcopy.errors import ConfigError, ShapeError
-from dmdcopy.schedules import karras_weight
+from dmdcopy.schedules import edm_weight
 
 __all__ = [
     "ClassifierHead",
@@ -66,7 +66,7 @@ def dsm_loss(
     x0: torch.Tensor,
     sigma: torch.Tensor,
     *,
-    weighting: Weighting = karras_weight,
+    weighting: Weighting = edm_weight,
     sigma_data: float = 0.5,
 ) -> torch.Tensor:
     """Weighted denoising loss ``lambda(sigma) mean ||D(x0 + sigma n; sigma) - x0||^2`` (EDM eq. 2).
@@ -76,7 +76,7 @@ def dsm_loss(
         x0: ``(B, ...)``, the clean samples (generator outputs for DMD's fake score).
         sigma: ``(B,)`` noise levels.
         weighting: ``lambda(sigma, sigma_data) -> (B,)``; DMD2's fake score uses
-            :func:`dmdcopy.schedules.karras_weight`, ``sigma^-2 + sigma_data^-2``.
+            :func:`dmdcopy.schedules.edm_weight`, ``sigma^-2 + sigma_data^-2`` (DMD2's 'karras').
 
     Returns: ``(B,)``.
 

@@ -18,7 +18,6 @@ __all__ = [
     "dmd_sigma_grid",
     "edm_weight",
     "karras_sigmas",
-    "karras_weight",
     "lognormal_sigmas",
     "sample_grid_sigmas",
     "snr_weight",
@@ -203,14 +202,10 @@ def sample_grid_sigmas(
 def edm_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
     """EDM's lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM Table 1).
 
-    This equals ``sigma^-2 + sigma_data^-2``, the 'karras' weighting DMD2 uses for its fake score.
+    This equals ``sigma^-2 + sigma_data^-2``, the weighting DMD2 calls 'karras' and uses for its
+    fake score (the two forms differ only in float rounding).
     """
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-
-
-def karras_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    """DMD2's fake-score weighting ``sigma^-2 + sigma_data^-2``, written as DMD2 writes it."""
-    return sigma**-2 + sigma_data**-2
 
 
 def snr_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:

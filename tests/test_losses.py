@@ -21,7 +21,7 @@ from dmdcopy.losses import (
 )
 from dmdcopy.nets import MLP
 from dmdcopy.precond import EDMPrecond
-from dmdcopy.schedules import karras_weight
+from dmdcopy.schedules import edm_weight
 
 
 def test_dmd_gradient_is_exactly_zero_when_fake_equals_real():
@@ -74,7 +74,7 @@ def test_dsm_loss_closed_form():
     x0 = torch.zeros(3, 2)
     denoised = torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 0.0]])
     sigma = torch.tensor([0.5, 1.0, 2.0])
-    loss = dsm_loss(denoised, x0, sigma, weighting=karras_weight, sigma_data=0.5)
+    loss = dsm_loss(denoised, x0, sigma, weighting=edm_weight, sigma_data=0.5)
     expected = (sigma**-2 + 0.5**-2) * torch.tensor([1.0, 2.0, 0.0])
     torch.testing.assert_close(loss, expected)
     with pytest.raises(ShapeError, match="sigma"):

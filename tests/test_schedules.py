@@ -11,7 +11,6 @@ from dmdcopy.schedules import (
     dmd_sigma_grid,
     edm_weight,
     karras_sigmas,
-    karras_weight,
     lognormal_sigmas,
     sample_grid_sigmas,
     snr_weight,
@@ -120,8 +119,7 @@ def test_weightings():
     sigma = torch.tensor([0.01, 0.5, 2.0, 80.0], dtype=torch.float64)
     sd = 0.5
     torch.testing.assert_close(edm_weight(sigma, sd), (sigma**2 + sd**2) / (sigma * sd) ** 2)
-    torch.testing.assert_close(karras_weight(sigma, sd), 1 / sigma**2 + 1 / sd**2)
-    torch.testing.assert_close(edm_weight(sigma, sd), karras_weight(sigma, sd))
+    torch.testing.assert_close(edm_weight(sigma, sd), 1 / sigma**2 + 1 / sd**2)  # DMD2's 'karras' form
     torch.testing.assert_close(snr_weight(sigma, sd), sd**2 / sigma**2)
     assert torch.equal(uniform_weight(sigma), torch.ones_like(sigma))
     # EDM's lambda makes the effective weight lambda c_out^2 equal to 1 at every sigma

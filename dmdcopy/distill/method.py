@@ -36,7 +36,7 @@ from dmdcopy.losses import (
     gan_discriminator_loss,
     gan_generator_loss,
 )
-from dmdcopy.schedules import karras_weight
+from dmdcopy.schedules import edm_weight
 from dmdcopy.students import MultiStepStudent
 
 __all__ = [
@@ -168,7 +168,7 @@ def fake_score_loss(
     with autocast():
         out = denoise(nets.fake_score_call, torch.cat(inputs), torch.cat(sigmas), all_labels)
     # denoising loss weighted by lambda(sigma) = sigma^-2 + sigma_data^-2 (EDM, DMD2)
-    dsm = dsm_loss(out[:b], x, sigma, weighting=karras_weight, sigma_data=cfg.sigma_data).mean()
+    dsm = dsm_loss(out[:b], x, sigma, weighting=edm_weight, sigma_data=cfg.sigma_data).mean()
     loss, gan = dsm, None
     if cfg.gan:
         feats = nets.hook.pop()[b:]  # (2b, ...): noisy fakes, then noisy reals

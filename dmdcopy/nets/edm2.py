@@ -20,6 +20,8 @@ and the pickle importer can allow exactly these names.
     torch.Size([2, 3, 8, 8])
 
 The ImageNet-64 presets of the paper (S, M, L, XL) are :func:`edm2_img64`.
+
+(One module of a little over 400 lines: its parts are used only together, as in EDM2's own file.)
 """
 
 from __future__ import annotations
