@@ -64,22 +64,22 @@ def noise_for_seeds(
 
 def labels_for_seeds(
     seeds: Iterable[int] | torch.Tensor,
-    num_classes: int,
+    label_dim: int,
     *,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """A uniform class label per seed, from a stream independent of :func:`noise_for_seeds`.
 
-    Returns: ``(N,)`` int64 in ``[0, num_classes)``.
+    Returns: ``(N,)`` int64 in ``[0, label_dim)``.
     """
-    if num_classes < 1:
-        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    if label_dim < 1:
+        raise ConfigError(f"label_dim must be >= 1, got {label_dim}")
     seed_list = _as_seed_list(seeds)
     out = torch.empty(len(seed_list), dtype=torch.int64)
     gen = torch.Generator(device="cpu")
     for i, seed in enumerate(seed_list):
         gen.manual_seed((seed * _LABEL_STREAM + 1) & _MASK63)
-        out[i] = torch.randint(num_classes, (1,), generator=gen)[0]
+        out[i] = torch.randint(label_dim, (1,), generator=gen)[0]
     return out.to(device)
 
 

@@ -112,6 +112,17 @@ def _sha(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
+def _current_names(manifest: dict) -> dict:
+    """``manifest`` with the field names of today's stores (stores written before the class count
+    was called ``label_dim`` name it ``num_classes``)."""
+    labels = manifest.get("labels") if isinstance(manifest, dict) else None
+    if isinstance(labels, dict) and "num_classes" in labels and "label_dim" not in labels:
+        labels = dict(labels)
+        labels["label_dim"] = labels.pop("num_classes")
+        manifest = {**manifest, "labels": labels}
+    return manifest
+
+
 def _settings_sha(manifest: dict) -> str:
     core = {k: v for k, v in manifest.items() if k != _INFO_KEY}
     return _sha(json.dumps(core, sort_keys=True))
@@ -125,7 +136,7 @@ def _barrier() -> None:
 def _check_still_ours(out: Path, own_sha: str) -> None:
     """Raise unless the manifest on disk still has the settings (hash) this writer computes for."""
     try:
-        on_disk = _settings_sha(json.loads((out / MANIFEST).read_text()))
+        on_disk = _settings_sha(_current_names(json.loads((out / MANIFEST).read_text())))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{out}: the pair store's manifest vanished or broke while this writer "
                               f"ran ({type(e).__name__}); nothing more was written") from e
@@ -150,7 +161,7 @@ def _stored_labels(store: PairStore) -> Callable[[int], torch.Tensor] | None:
     if info["kind"] == "none":
         return None
     if info["kind"] == "labels_for_seeds":
-        return lambda k: labels_for_seeds(store.shard_seeds(k), int(info["num_classes"]))
+        return lambda k: labels_for_seeds(store.shard_seeds(k), int(info["label_dim"]))
 
     def read(k: int) -> torch.Tensor:  # labels given by the caller: only the shard itself has them
         return store._read_shard(k)["labels"]
@@ -175,8 +186,8 @@ def _subset_shards(
     shards = sorted({index[s] // store.shard_size for s in seeds})
     if given_labels is None:
         return shards if old["labels"] == manifest["labels"] else None
-    num_classes = int(old["labels"]["num_classes"])
-    if num_classes < 1 or int(given_labels.max()) >= num_classes or int(given_labels.min()) < 0:
+    label_dim = int(old["labels"]["label_dim"])
+    if label_dim < 1 or int(given_labels.max()) >= label_dim or int(given_labels.min()) < 0:
         return None
     if old["labels"]["kind"] == "given":
         missing = [k for k in shards if not store.shard_ok(k)]
@@ -186,7 +197,7 @@ def _subset_shards(
                               "generate_pairs on the store's own seeds and class_labels")
         stored = store.load(seeds)[2]
     else:
-        stored = labels_for_seeds(seeds, num_classes)
+        stored = labels_for_seeds(seeds, label_dim)
     differ = torch.nonzero(stored.cpu() != given_labels.cpu()).flatten()
     if differ.numel():
         i = int(differ[0])
@@ -200,7 +211,7 @@ class PairStore:
     """Read a pair store written by :func:`generate_pairs`.
 
     Attributes: ``manifest`` (dict), ``seeds`` (list of int, in store order), ``sample_shape``,
-    ``num_classes`` (0 = unconditional), ``has_noise``, ``num_shards``.
+    ``label_dim`` (0 = unconditional), ``has_noise``, ``num_shards``.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
@@ -210,7 +221,7 @@ class PairStore:
             raise CheckpointError(f"{self.directory}: not a pair store (no {MANIFEST}); "
                                   "create it with dmdcopy.pairs.generate_pairs")
         try:
-            self.manifest = json.loads(path.read_text())
+            self.manifest = _current_names(json.loads(path.read_text()))
         except ValueError as e:
             raise CheckpointError(f"{path}: corrupt manifest: {e}") from e
         if self.manifest.get("format") != FORMAT:
@@ -219,7 +230,7 @@ class PairStore:
         try:
             self.seeds = _from_runs(self.manifest["seeds"])
             self.sample_shape = tuple(self.manifest["sample_shape"])
-            self.num_classes = int(self.manifest["labels"]["num_classes"])
+            self.label_dim = int(self.manifest["labels"]["label_dim"])
             self.has_noise = bool(self.manifest["store_noise"])
             self.shard_size = int(self.manifest["shard_size"])
         except (KeyError, TypeError, ValueError) as e:
@@ -256,7 +267,7 @@ class PairStore:
         seeds = self.shard_seeds(k)
         n = len(seeds)
         expected = {"seeds": (n,), "x": (n, *self.sample_shape)}
-        if self.num_classes:
+        if self.label_dim:
             expected["labels"] = (n,)
         if self.has_noise:
             expected["noise"] = (n, *self.sample_shape)
@@ -322,7 +333,7 @@ class PairStore:
 
         Returns: ``(seeds (N,) int64, x (N, *sample_shape), labels (N,) int64 or None)``.
         """
-        keys = ["x", "labels"] if self.num_classes else ["x"]
+        keys = ["x", "labels"] if self.label_dim else ["x"]
         pos, got = self._gather(keys, seeds, device)
         seed_t = torch.tensor([self.seeds[p] for p in pos], dtype=torch.int64, device=device)
         return seed_t, got["x"], got.get("labels")
@@ -364,7 +375,7 @@ def generate_pairs(
     batch: int = 256,
     shard_size: int = 4096,
     class_labels: torch.Tensor | None = None,
-    num_classes: int | None = None,
+    label_dim: int | None = None,
     store_noise: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -391,7 +402,7 @@ def generate_pairs(
         shard_size: seeds per shard file (the unit of resumption).
         class_labels: ``(N,)`` int labels for the seeds, or ``None`` to draw them with
             :func:`dmdcopy.noise.labels_for_seeds` when the teacher is conditional.
-        num_classes: classes for drawn labels; default ``D.label_dim`` (0 = unconditional).
+        label_dim: classes for drawn labels; default ``D.label_dim`` (0 = unconditional).
         store_noise: also store ``z`` (it can always be regenerated from the seed).
         device: where ``D`` runs (``D`` must already be there); default CPU.
         dtype: dtype of ``z`` fed to the solver and of the stored samples.
@@ -423,24 +434,24 @@ def generate_pairs(
         raise ConfigError(f"generate_pairs: sigmas must be a 1-D grid ending in 0, got {grid.tolist()}")
 
     n = len(seed_list)
-    if num_classes is None:
-        num_classes = contracts.label_dim(D)
+    if label_dim is None:
+        label_dim = contracts.label_dim(D)
     if class_labels is not None:
         labels_all = torch.as_tensor(class_labels).cpu()
         if labels_all.shape != (n,) or labels_all.is_floating_point():
             raise ShapeError(f"generate_pairs: class_labels must be ({n},) integers, one per seed, "
                              f"got {tuple(labels_all.shape)} {labels_all.dtype}")
         labels_all = labels_all.long()
-        if num_classes < 1:
-            num_classes = int(labels_all.max()) + 1
-        label_info = {"kind": "given", "num_classes": num_classes,
+        if label_dim < 1:
+            label_dim = int(labels_all.max()) + 1
+        label_info = {"kind": "given", "label_dim": label_dim,
                       "sha": _sha(labels_all.numpy().tobytes())}
-    elif num_classes:
-        labels_all = labels_for_seeds(seed_list, num_classes)
-        label_info = {"kind": "labels_for_seeds", "num_classes": num_classes}
+    elif label_dim:
+        labels_all = labels_for_seeds(seed_list, label_dim)
+        label_info = {"kind": "labels_for_seeds", "label_dim": label_dim}
     else:
         labels_all = None
-        label_info = {"kind": "none", "num_classes": 0}
+        label_info = {"kind": "none", "label_dim": 0}
 
     if teacher_id is None:
         teacher_id = teacher_fingerprint(D)

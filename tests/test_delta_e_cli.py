@@ -97,7 +97,7 @@ def test_conditional_checkpoints(ckpts, tmp_path):
                "--out", str(tmp_path / "r.json")])
     assert rc == 0
     manifest = json.loads((tmp_path / "pc" / "manifest.json").read_text())
-    assert manifest["labels"] == {"kind": "labels_for_seeds", "num_classes": 4}
+    assert manifest["labels"] == {"kind": "labels_for_seeds", "label_dim": 4}
     assert json.loads((tmp_path / "r.json").read_text())["delta_e"]["n"] == 50
 
 

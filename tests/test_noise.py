@@ -61,7 +61,7 @@ def test_labels_for_seeds():
     # the label stream is not a function of the noise: for class 0 the noise still varies
     z = noise_for_seeds(seeds[:200], (1,))[:, 0]
     assert z[lab[:200] == 0].std() > 0.5
-    with pytest.raises(ConfigError, match="num_classes"):
+    with pytest.raises(ConfigError, match="label_dim"):
         labels_for_seeds([1], 0)
 
 

@@ -164,6 +164,20 @@ def test_conditional_labels(tmp_path):
         generate_pairs(M, range(9), tmp_path / "bad", sigmas=GRID, class_labels=given[:4])
 
 
+def test_a_store_written_with_the_old_class_count_name_is_read_and_reused(tmp_path):
+    M = GaussianMixtureTeacher(torch.randn(3, 2, generator=torch.Generator().manual_seed(0)),
+                               torch.full((3,), 0.2), conditional=True)
+    generate_pairs(M, range(9), tmp_path, sigmas=GRID, shard_size=4)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["labels"]["num_classes"] = manifest["labels"].pop("label_dim")  # as older stores name it
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.safetensors")}
+    store = generate_pairs(M, range(9), tmp_path, sigmas=GRID, shard_size=4)  # reused, not refused
+    assert store.label_dim == 3
+    assert torch.equal(store.load()[2], labels_for_seeds(range(9), 3))
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.safetensors")} == stamps
+
+
 def test_store_serves_a_subset_of_its_seeds(tmp_path):
     D = CountingDenoiser(_teacher())
     reference = generate_pairs(D, range(20), tmp_path / "s", sigmas=GRID, batch=5, shard_size=5).load()[1]
