@@ -31,7 +31,6 @@ from dmdcopy.metrics import (
     PairingInefficiency,
     PairingResult,
     TransportResult,
-    copy_diagnostics,
     pairing_inefficiency,
     transport_inefficiency,
 )
@@ -90,7 +89,6 @@ __all__ = [
     "VEPrecond",
     "VPPrecond",
     "__version__",
-    "copy_diagnostics",
     "data",
     "delta_e",
     "distill",

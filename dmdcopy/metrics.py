@@ -67,15 +67,11 @@ import torch
 from dmdcopy._json import json_safe
 from dmdcopy.assignment import (
     Progress,
-    _block_bounds,
     _check_finite,
     _check_tensor,
-    _cost_rows,
-    _mean64,
     _pooled,
     _report,
     _resamples,
-    _row_terms,
     _solve_blocks,
     lapjv_assignment,
     optimal_assignment,
@@ -90,7 +86,6 @@ __all__ = [
     "PairingInefficiency",
     "PairingResult",
     "TransportResult",
-    "copy_diagnostics",
     "frechet_distance",
     "gaussian_delta_e",
     "lapjv_assignment",
@@ -497,33 +492,6 @@ def transport_inefficiency(
         bootstrap="pairs stratified by block, fixed assignment",
         block_values=block_values, block_std=_std(list(block_values)),
     )
-
-
-def copy_diagnostics(
-    student: torch.Tensor, teacher: torch.Tensor, *, block_size: int = 10_000,
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, float]:
-    """Two assignment-free signs of copying, per block then pooled.
-
-    Returns ``{"own_pair_rate": ..., "chance_rate": ..., "pair_ind_ratio": ...}``:
-    the share of student samples whose nearest teacher sample (squared distance) is their own
-    pair (chance level ``1 / block`` for an independent student), and ``E_pair / E_ind``
-    (0 for a perfect copy, about 1 for an independent pairing).
-    """
-    s, t = _flatten_pair(student, teacher, ("student", "teacher"), "copy_diagnostics")
-    if not isinstance(block_size, int) or block_size < 2:
-        raise ConfigError(f"copy_diagnostics: block_size must be an int >= 2, got {block_size!r}")
-    hits = chance = e_pair = e_ind = 0.0
-    n = s.shape[0]
-    for lo, hi in _block_bounds(n, block_size):
-        b = hi - lo
-        for r0, _, rows in _cost_rows(s[lo:hi], t[lo:hi], dtype, None):
-            hits += float((rows.argmin(axis=1) == np.arange(r0, r0 + rows.shape[0])).sum())
-        chance += 1.0  # b * (1 / b) expected hits per block
-        pair_cost, e_ind_block, _ = _row_terms(s[lo:hi], t[lo:hi], _mean64(t[lo:hi]), dtype)
-        e_pair += float(pair_cost.sum())
-        e_ind += e_ind_block * b
-    return {"own_pair_rate": hits / n, "chance_rate": chance / n, "pair_ind_ratio": _ratio(e_pair, e_ind)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from dmdcopy.assignment import _work_dtype  # float32 products, or float64 when given
+from dmdcopy.assignment import _mean64, _work_dtype  # float32 products, or float64 when given
 from dmdcopy.errors import ConfigError, ShapeError
 
 __all__ = [
@@ -255,8 +255,7 @@ class _Rows:
 
     def mean(self) -> torch.Tensor:
         """``(dim,)`` float64 column means."""
-        return sum(self.x[lo:lo + _CHUNK].sum(0).double() for lo in range(0, self.x.shape[0], _CHUNK)) \
-            / self.x.shape[0]
+        return _mean64(self.x, _CHUNK)
 
     def project(self, m: torch.Tensor, U: torch.Tensor, v: torch.Tensor):
         """For the rows centred at ``m``, ``x' = x - m``: ``(x' U (n, r), |x'|^2 (n,), x'.v (n,))``,

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from dmdcopy.errors import ConfigError, ShapeError
 from dmdcopy.metrics import (
     PairingInefficiency,
-    copy_diagnostics,
     optimal_assignment,
     pairing_inefficiency,
     pairwise_cost,
@@ -200,13 +199,14 @@ def test_transport_of_a_permuted_copy_is_infinite_and_json_safe():
 def test_copy_diagnostics():
     g = _gen(8)
     t = torch.randn(100, 6, generator=g)
-    assert copy_diagnostics(t, t) == {"own_pair_rate": 1.0, "chance_rate": 0.01, "pair_ind_ratio": 0.0}
+    same = pairing_inefficiency(t, t, n_boot=0)
+    assert (same.own_pair_rate, same.n_blocks / same.n, same.pair_ind_ratio) == (1.0, 0.01, 0.0)
     shuffled = t[_derangement(100, g)]
-    d = copy_diagnostics(shuffled, t)
-    assert d["own_pair_rate"] == 0.0  # each student's exact twin is another teacher sample
-    assert 0.8 < d["pair_ind_ratio"] < 1.2
-    blocked = copy_diagnostics(shuffled, t, block_size=50)  # twins may fall in the other block
-    assert blocked["chance_rate"] == 0.02 and blocked["own_pair_rate"] < 0.1
+    d = pairing_inefficiency(shuffled, t, n_boot=0)
+    assert d.own_pair_rate == 0.0  # each student's exact twin is another teacher sample
+    assert 0.8 < d.pair_ind_ratio < 1.2
+    blocked = pairing_inefficiency(shuffled, t, block_size=50, n_boot=0)  # twins may fall in the other block
+    assert blocked.n_blocks / blocked.n == 0.02 and blocked.own_pair_rate < 0.1
 
 
 def test_low_resolution_is_flagged():
