@@ -114,7 +114,8 @@ def parse_seeds(spec: str, *, limit: int = MAX_SEEDS) -> list[int]:
 
 
 def split_seeds(seeds: Sequence[int], rank: int, world_size: int) -> list[int]:
-    """The seeds rank ``rank`` of ``world_size`` handles: a strided share, so loads stay even."""
+    """The seeds (or shards, or any items) rank ``rank`` of ``world_size`` handles: a strided
+    share, so loads stay even."""
     if not 0 <= rank < world_size:
         raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return list(seeds[rank::world_size])

@@ -39,7 +39,7 @@ from dmdcopy import contracts
 from dmdcopy._atomic import locked, write_atomic
 from dmdcopy.contracts import default_grid, dist_rank_world
 from dmdcopy.errors import CheckpointError, ConfigError, ShapeError
-from dmdcopy.noise import labels_for_seeds, noise_for_seeds
+from dmdcopy.noise import labels_for_seeds, noise_for_seeds, split_seeds
 from dmdcopy.samplers import heun, teacher_ode
 
 __all__ = ["PairStore", "default_sigmas", "generate_pairs", "teacher_fingerprint"]
@@ -507,7 +507,7 @@ def generate_pairs(
             lambda k: labels_all[k * shard_size : k * shard_size + len(store.shard_seeds(k))])
     else:
         shard_labels = _stored_labels(store)
-    mine = needed[rank::world]
+    mine = split_seeds(needed, rank, world)  # this rank's shards, a strided share
     total = sum(len(store.shard_seeds(k)) for k in mine)
     done = 0
     with torch.no_grad():

@@ -53,9 +53,10 @@ def init_from_env(backend: str | None = None) -> DistInfo:
     if world > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend=backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist_info()
+    info = dist_info()
+    if info.distributed and torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    return info
 
 
 def all_reduce_mean(values: Sequence[float], device: torch.device) -> list[float]:
