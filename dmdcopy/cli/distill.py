@@ -52,6 +52,7 @@ import itertools
 import math
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -512,8 +513,12 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(parts.pop("out_dir"))
     device = parts.pop("device")
     teacher, student, config = parts.pop("teacher"), parts.pop("student"), parts.pop("config")
-    distiller = Distiller(teacher, student, config=config, out_dir=out_dir, device=device,
-                          overwrite=args.overwrite, **parts)
+    with warnings.catch_warnings(record=True) as caught:  # said as one line each, not as Python's
+        warnings.simplefilter("always", UserWarning)
+        distiller = Distiller(teacher, student, config=config, out_dir=out_dir, device=device,
+                              overwrite=args.overwrite, **parts)
+    for w in caught:
+        print(f"dmdcopy distill: warning: {w.message}", file=sys.stderr)
     try:
         distiller.train(resume="latest" if args.resume else None)
     except RunInterrupted as e:

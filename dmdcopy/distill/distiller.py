@@ -34,6 +34,7 @@ import os
 import signal
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,21 @@ Callback = Callable[["Distiller", int], "dict[str, float] | None"]
 # draw uses a one-part suffix, so it is apart from all of them.
 _DISCRIMINATOR_INIT_KEY = 0xD15C
 _REGRESSION_FNS = {"l2": l2_regression_loss, "pseudo_huber": pseudo_huber_loss}
+
+
+def _delta_e_postfix(record: dict[str, Any], step: int) -> dict[str, str]:
+    """Progress-bar fields for the Delta E figures a callback logged at ``step``: the finite-N
+    value, the bracket's interval when there is one, and the step, e.g. ``0.412 [0.30, 0.55] @1200``."""
+    out = {}
+    for key, value in record.items():
+        if not key.endswith("delta_e") or not isinstance(value, float):
+            continue
+        prefix = key[: -len("delta_e")]
+        low, high = record.get(prefix + "bracket_low"), record.get(prefix + "bracket_high")
+        bracket = (f" [{low:.2f}, {high:.2f}]" if isinstance(low, float) and isinstance(high, float)
+                   and math.isfinite(low) and math.isfinite(high) else "")
+        out[key] = f"{value:.3f}{bracket} @{step}"
+    return out
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -139,6 +155,9 @@ class Distiller:
         info = dist_info()
         self.rank, self.world_size = info.rank, info.world_size
         self.is_main = info.is_main
+        budget = cfg.budget_warning()
+        if budget and self.is_main:
+            warnings.warn(f"DistillConfig: {budget}", UserWarning, stacklevel=2)
         self.device = torch.device(device) if device is not None else _device_of(student)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.overwrite = bool(overwrite)
@@ -455,6 +474,7 @@ class Distiller:
         bar = tqdm(total=cfg.num_steps, initial=self.step, disable=not (self.is_main and cfg.progress_bar),
                    desc="distill", dynamic_ncols=True)
         window = Window()
+        postfix: dict[str, str] = {}
         try:
             while self.step < cfg.num_steps:
                 window.fake += [self.fake_score_step(s) for s in range(cfg.fake_score_steps)]
@@ -464,11 +484,13 @@ class Distiller:
                 if self.step % cfg.log_every == 0 or self.step == cfg.num_steps:
                     record = self._summary(window)
                     window = Window()
-                    bar.set_postfix(gen=record["generator_loss"], fake=record["fake_score_loss"],
-                                    refresh=False)
+                    postfix.update({name: f"{v:.4g}" if isinstance(v, float) else str(v) for name, v in
+                                    (("gen", record["generator_loss"]), ("fake", record["fake_score_loss"]))})
                 for callback in self.callbacks:
                     record.update(callback(self, self.step) or {})
                 if record:
+                    postfix.update(_delta_e_postfix(record, self.step))
+                    bar.set_postfix(postfix, refresh=False)
                     self.log.write({"step": self.step, **record})
                 bar.update(1)
                 stop = self._stop_requested()
@@ -578,3 +600,5 @@ class Distiller:
         if state.get("run_id"):
             self.run_id = str(state["run_id"])
         self.log.trim(self.step)
+        if self.is_main:
+            print(f"dmdcopy: resumed from step {self.step} ({path.name})", file=sys.stderr)
