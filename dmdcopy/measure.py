@@ -120,6 +120,8 @@ class DeltaEReport:
         time_s: seconds spent on ``teacher`` samples (0 when they were given), ``student``
             samples, the ``metric``, ``transport`` and in ``total``.
         settings: what was measured and how (JSON-ready).
+        student_samples: the student's samples of the first ``keep_samples`` seeds (CPU), on the
+            main process, when :func:`measure_student` was asked for them; else ``None``.
     """
 
     result: PairingResult | None
@@ -127,6 +129,7 @@ class DeltaEReport:
     transport: dict[str, TransportResult] | None
     time_s: dict[str, float]
     settings: dict[str, Any]
+    student_samples: Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``{"delta_e": result.to_dict() or None, "n_nonfinite", "transport",
@@ -398,6 +401,7 @@ def measure_student(
     transport: bool = False,
     generator: torch.Generator | None = None,
     progress: Progress | None = None,
+    keep_samples: int = 0,
 ) -> DeltaEReport:
     """Delta E of ``student`` against the teacher's pairs.
 
@@ -415,6 +419,8 @@ def measure_student(
             (:func:`~dmdcopy.metrics.transport_inefficiency` of ``(z, x)``).
         progress: ``progress(stage, done, total)``: ``"student"``, the metric's stages,
             ``"transport"``.
+        keep_samples: keep the student's samples of the first this many seeds in the report's
+            ``student_samples`` (e.g. for a picture beside the teacher's ``teacher.x[:k]``).
 
     Returns: a :class:`DeltaEReport`; ``result`` is ``None`` and ``n_nonfinite > 0`` when some
     student samples are not finite. The metric runs on the teacher samples' device.
@@ -425,6 +431,8 @@ def measure_student(
         raise ConfigError(f"{where}: teacher must be TeacherSamples (see teacher_samples), "
                           f"got {type(teacher).__name__}")
     _positive_int(batch, "batch", where)
+    if not isinstance(keep_samples, int) or isinstance(keep_samples, bool) or keep_samples < 0:
+        raise ConfigError(f"{where}: keep_samples must be an int >= 0, got {keep_samples!r}")
     _check_student(student, teacher)
     n = len(teacher)
     rank, world = dist_rank_world()
@@ -486,8 +494,9 @@ def measure_student(
     }
     time_s = {"teacher": 0.0, "student": t_student - t_start, "metric": t_metric - t_student,
               "transport": t_end - t_metric, "total": t_end - t_start}
+    kept = x_mine[:keep_samples].detach().cpu() if keep_samples and rank == 0 else None
     return DeltaEReport(result=result, n_nonfinite=n_nonfinite, transport=transport_results,
-                        time_s=time_s, settings=settings)
+                        time_s=time_s, settings=settings, student_samples=kept)
 
 
 def delta_e(

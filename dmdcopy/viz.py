@@ -13,6 +13,7 @@ matplotlib (the ``plot`` extra) is imported only when a picture is written.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from dmdcopy._atomic import write_atomic
 from dmdcopy.errors import ConfigError, ShapeError
 
 __all__ = ["image_grid", "plot_run", "read_log", "save_image_grid"]
@@ -104,7 +106,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=110)
+        write_atomic(out / f"{name}.png", functools.partial(fig.savefig, dpi=110, format="png"))
         plt.close(fig)
         written.append(out / f"{name}.png")
     prefixes = sorted({k[: -len("delta_e")] for r in records for k in r if k.endswith("delta_e")})
@@ -126,7 +128,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "delta_e.png", dpi=110)
+        write_atomic(out / "delta_e.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         written.append(out / "delta_e.png")
     return written
@@ -175,13 +177,10 @@ def image_grid(
 
 
 def save_image_grid(path: str | os.PathLike, images: torch.Tensor, **kwargs) -> Path:
-    """:func:`image_grid` written as a PNG at ``path``."""
+    """:func:`image_grid` written as a PNG at ``path`` (atomically: a reader never sees half)."""
     grid = image_grid(images, **kwargs)
     plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if grid.shape[-1] == 1:
-        plt.imsave(path, grid[..., 0], cmap="gray", vmin=0, vmax=255)
-    else:
-        plt.imsave(path, grid)
-    return path
+        return write_atomic(path, lambda tmp: plt.imsave(tmp, grid[..., 0], cmap="gray", vmin=0, vmax=255,
+                                                         format="png"))
+    return write_atomic(path, lambda tmp: plt.imsave(tmp, grid, format="png"))

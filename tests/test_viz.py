@@ -104,3 +104,80 @@ def test_sample_command_writes_a_paired_grid_of_the_right_size(tmp_path, capsys)
     assert img[..., :3].std() > 0.01
     too_many = ["sample", str(tmp_path / "student.safetensors"), "--out", str(out), "--seeds", "0-2000000"]
     assert main(too_many) == 1
+
+
+def _image_run(tmp_path, callback, num_steps=2):
+    import copy
+
+    from _nets import randomise, small_song
+
+    from dmdcopy.distill import DistillConfig, Distiller
+    from dmdcopy.precond import EDMPrecond
+    from dmdcopy.students import OneStepStudent
+
+    torch.manual_seed(0)
+    teacher = EDMPrecond(randomise(small_song()), sample_shape=(3, 8, 8)).eval()
+    student = OneStepStudent(copy.deepcopy(teacher).requires_grad_(True))
+    cfg = DistillConfig(num_steps=num_steps, batch_size=4, fake_score_steps=1, progress_bar=False,
+                        ema_halflife_steps=None, generator_lr=1e-4, fake_score_lr=1e-4)
+    return Distiller(teacher, student, config=cfg, out_dir=tmp_path, callbacks=[callback]).train()
+
+
+def test_each_delta_e_measurement_of_an_image_run_draws_teacher_and_student_side_by_side(tmp_path):
+    from dmdcopy.distill import DeltaECallback
+
+    callback = DeltaECallback(every=1, seeds=range(6), n_boot=0, sigmas=torch.tensor([80.0, 2.0, 0.0]))
+    d = _image_run(tmp_path, callback)
+    grids = sorted(p.name for p in (tmp_path / "grids").iterdir())
+    assert grids == ["delta_e-000000001.png", "delta_e-000000002.png"]  # no temp file left either
+    img = mpimg.imread(tmp_path / "grids" / grids[-1])[..., :3]
+    assert img.shape[:2] == (3 * 10, 4 * 10)  # 6 pairs = 12 tiles: 4 columns (even), 3 rows
+    ts = callback.teacher_samples(d)
+    want = image_grid(d.student(ts.z[:6]).detach(), pair_with=ts.x[:6]) / 255.0
+    np.testing.assert_allclose(img, want, atol=1.5 / 255)  # teacher left, student right, in seed order
+
+
+def test_grids_are_off_on_request_and_refused_for_samples_that_are_not_images(tmp_path):
+    from dmdcopy.distill import DeltaECallback
+
+    _image_run(tmp_path / "off", DeltaECallback(every=1, seeds=range(4), n_boot=0, grid=0,
+                                                sigmas=torch.tensor([80.0, 0.0])), num_steps=1)
+    assert not (tmp_path / "off" / "grids").exists()
+    with pytest.raises(ConfigError, match="grid must be None or an int >= 0"):
+        DeltaECallback(every=1, seeds=range(4), grid=-1)
+    from dmdcopy.distill import DistillConfig, Distiller
+    from dmdcopy.nets import MLP
+    from dmdcopy.precond import EDMPrecond
+    from dmdcopy.students import OneStepStudent
+    from dmdcopy.teachers import GaussianMixtureTeacher
+
+    teacher = GaussianMixtureTeacher(torch.tensor([[-2.0, 0.0], [2.0, 0.0]]), torch.full((2,), 0.3))
+    cfg = DistillConfig(num_steps=1, batch_size=4, fake_score_steps=1, progress_bar=False)
+    make = lambda cb: Distiller(teacher, OneStepStudent(EDMPrecond(MLP(2, hidden=8, depth=1))),  # noqa: E731
+                                fake_score=EDMPrecond(MLP(2, hidden=8, depth=1)), config=cfg,
+                                out_dir=tmp_path / "points", callbacks=[cb], overwrite=True)
+    make(DeltaECallback(every=1, seeds=range(4), n_boot=0)).train()  # auto: 2-D points get no grid
+    assert not (tmp_path / "points" / "grids").exists()
+    with pytest.raises(ConfigError, match=r"grid=4 needs image samples .* not \(2,\); pass grid=0"):
+        make(DeltaECallback(every=1, seeds=range(4), n_boot=0, grid=4)).train()
+
+
+def test_a_grid_write_that_fails_leaves_no_file_and_does_not_stop_the_run(tmp_path, monkeypatch, capsys):
+    import matplotlib.pyplot as plt
+
+    from dmdcopy.distill import DeltaECallback
+
+    def half_then_full_disk(fname, *args, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG\r\n")  # a cut PNG
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plt, "imsave", half_then_full_disk)
+    callback = DeltaECallback(every=1, seeds=range(4), n_boot=0, sigmas=torch.tensor([80.0, 0.0]))
+    d = _image_run(tmp_path, callback)
+    assert d.step == 2
+    assert list((tmp_path / "grids").iterdir()) == []  # neither a cut PNG nor a temp file
+    err = capsys.readouterr().err
+    assert "could not write" in err and "No space left on device" in err
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "delta_e" in r] == [1, 2]  # the figures are still logged

@@ -6,8 +6,11 @@ dict of floats for the log, or ``None`` when it has nothing to report at that st
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +54,10 @@ class DeltaECallback:
     for the others forever); every process gets the same figures, and only the main process
     returns them, so they are logged once.
 
+    For image students (samples ``(C, H, W)`` with ``C`` 1 or 3) the main process also writes, at
+    each measurement, the picture of copying: the teacher's and the student's images of the first
+    ``grid`` seeds side by side (teacher left), in ``out_dir/grids/{prefix}delta_e-{step:09d}.png``.
+
     Args:
         every: measure when ``step % every == 0``.
         seeds: the fixed seeds (e.g. ``range(1000)``).
@@ -62,7 +69,10 @@ class DeltaECallback:
         use_ema: measure the EMA student when the distiller has one.
         block_size, n_boot: passed to :func:`~dmdcopy.measure.measure_student` (a few hundred
             resamples keep a measurement cheap).
-        prefix: prefix of the log keys.
+        prefix: prefix of the log keys (and of the grid files).
+        grid: image pairs per picture; ``None`` (default): 16 when the samples are images, the
+            distiller has an ``out_dir`` and matplotlib is installed, else none; ``0``: none.
+        grid_range: the sample values drawn as black and white (EDM's ``(-1, 1)``).
 
     Returns (when measuring, on the main process): ``{prefix + key: float}`` for every key of
     :data:`DELTA_E_LOG_KEYS`: ``delta_e`` (finite-N figure) with its bootstrap interval
@@ -85,6 +95,8 @@ class DeltaECallback:
         block_size: int = 10_000,
         n_boot: int = 200,
         prefix: str = "",
+        grid: int | None = None,
+        grid_range: tuple[float, float] = (-1.0, 1.0),
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ConfigError(f"DeltaECallback: every must be a positive int, got {every!r}")
@@ -96,6 +108,9 @@ class DeltaECallback:
         self.every, self.pairs, self.sigmas, self.solver = every, pairs, sigmas, solver
         self.batch, self.use_ema, self.prefix = batch, use_ema, prefix
         self.block_size, self.n_boot = block_size, n_boot
+        if grid is not None and (not isinstance(grid, int) or isinstance(grid, bool) or grid < 0):
+            raise ConfigError(f"DeltaECallback: grid must be None or an int >= 0, got {grid!r}")
+        self.grid, self.grid_range = grid, tuple(grid_range)
         self._teacher: TeacherSamples | None = None
 
     def teacher_samples(self, distiller: Any) -> TeacherSamples:
@@ -117,7 +132,38 @@ class DeltaECallback:
         ema = getattr(distiller, "ema_student", None)
         G = ema if (self.use_ema and ema is not None) else distiller.student
         # measure_student runs G in eval mode without autograd and restores its mode
-        return measure_student(G, ts, batch=self.batch, block_size=self.block_size, n_boot=self.n_boot)
+        return measure_student(G, ts, batch=self.batch, block_size=self.block_size, n_boot=self.n_boot,
+                               keep_samples=self._grid_size(distiller, ts))
+
+    def _grid_size(self, distiller: Any, ts: TeacherSamples) -> int:
+        """Image pairs to draw at each measurement (see ``grid``)."""
+        shape = tuple(ts.x.shape[1:])
+        images = len(shape) == 3 and shape[0] in (1, 3)
+        if self.grid is None:
+            auto = (images and getattr(distiller, "out_dir", None) is not None
+                    and importlib.util.find_spec("matplotlib") is not None)
+            return min(16, len(ts)) if auto else 0
+        if self.grid and not images:
+            raise ConfigError(f"DeltaECallback: grid={self.grid} needs image samples (C, H, W) with C 1 "
+                              f"or 3, not {shape}; pass grid=0")
+        return min(self.grid, len(ts))
+
+    def write_grid(self, distiller: Any, step: int, report: DeltaEReport) -> Path | None:
+        """Write the teacher/student picture of a measurement (main process; see the class doc)."""
+        student = report.student_samples
+        out_dir = getattr(distiller, "out_dir", None)
+        if student is None or not len(student) or out_dir is None:
+            return None
+        from dmdcopy.viz import save_image_grid
+
+        teacher = self.teacher_samples(distiller).x[: len(student)].detach().cpu()
+        student = torch.nan_to_num(student)  # a non-finite sample draws as black, not as garbage
+        path = Path(out_dir) / "grids" / f"{self.prefix}delta_e-{step:09d}.png"
+        try:
+            return save_image_grid(path, student, pair_with=teacher, value_range=self.grid_range)
+        except OSError as e:  # a full disk must not stop the run; the figures are still logged
+            print(f"dmdcopy: could not write {path}: {e}", file=sys.stderr)
+            return None
 
     def __call__(self, distiller: Any, step: int) -> dict[str, float] | None:
         if step % self.every != 0:
@@ -128,6 +174,7 @@ class DeltaECallback:
         report = self.measure(distiller)
         if not is_main:
             return None
+        self.write_grid(distiller, step, report)
         return {self.prefix + k: v for k, v in _log_values(report).items()}
 
 
