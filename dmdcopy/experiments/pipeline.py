@@ -188,8 +188,16 @@ class CurveCallback(DeltaECallback):
             self.curve[key].append(None if r is None else getattr(r, key))
         q = None
         if r is not None and self.quality is not None:
-            with torch.no_grad():
-                q = self.quality(batched(G, self._teacher.z, self.batch).detach())
+            module = G if isinstance(G, nn.Module) else None
+            was_training = module.training if module is not None else False
+            if module is not None:
+                module.eval()  # as measure_student runs it
+            try:
+                with torch.no_grad():
+                    q = self.quality(batched(G, self._teacher.z, self.batch).detach())
+            finally:
+                if module is not None:
+                    module.train(was_training)
         self.curve["quality"].append(q)
         self.curve["nonfinite"].append(int(report.n_nonfinite))
 
@@ -198,13 +206,5 @@ class CurveCallback(DeltaECallback):
             return None
         ema = getattr(distiller, "ema_student", None)
         G = ema if (self.use_ema and ema is not None) else distiller.student
-        was_training = G.training if isinstance(G, nn.Module) else False
-        report = self.measure(distiller)
-        if isinstance(G, nn.Module):
-            G.eval()
-        try:
-            self._append(step, report, G)
-        finally:
-            if isinstance(G, nn.Module):
-                G.train(was_training)
+        self._append(step, self.measure(distiller), G)
         return None
