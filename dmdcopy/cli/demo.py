@@ -50,7 +50,7 @@ def register(subparsers) -> None:
                        help="longer training, larger networks and more evaluation noises")
     scale.add_argument("--long", dest="preset", action="store_const", const="long",
                        help="the default's networks distilled 4x longer, 3 seeds; sweep: power-law "
-                            "Gaussian at d = 2, 32, 512 (hours on a CPU: see docs/experiments.md)")
+                            "Gaussian at d = 2, 32, 512 (about 20 min on one core; docs/experiments.md)")
     p.set_defaults(preset="default")
     p.add_argument("--experiment", choices=("sweep", "digits", "ablations", "all"), default="sweep",
                    help="what to run (default: the dimension sweep)")
