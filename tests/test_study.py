@@ -340,6 +340,9 @@ def test_several_seeds_give_per_seed_figures_and_intervals(tmp_path):
     assert "power_law_gaussian d=2 scratch" in table and "Student-t" in table
     assert " ".join(f"{v:.3f}" for v in values) in table
     assert "seed" in format_sweep_table(results).splitlines()[0]
+    from dmdcopy.experiments import plot_sweep
+
+    assert plot_sweep(_jsonable(results), tmp_path / "s.png").stat().st_size > 0
     # digits and ablations: the first seed at the top level, the others under more_seeds
     acfg = AblationConfig(dim=3, variants=(Variant(name="baseline"),), hidden=16, depth=1, emb_dim=16,
                           teacher=TINY_TEACHER, distill=TINY_DISTILL.replace(num_steps=1), num_train=20,

@@ -309,9 +309,13 @@ def plot_sweep(results: dict, path: str | os.PathLike, *, max_lines: int = 150) 
     scratch) of the same noise ``z``, joined by a grey
     segment: short segments mean the student sends each noise where the teacher does (copying),
     long crossing ones that it remaps the noise.
+    With several seeds the figure shows the first seed's points (the spread over seeds is in
+    ``results["over_seeds"]`` and :func:`format_seed_table`; :func:`plot_curves` averages seeds).
     """
     Figure, FigureCanvasAgg = require_matplotlib()
-    kinds = list(dict.fromkeys(p["kind"] for p in results["points"]))
+    first = (results.get("seeds") or [None])[0]
+    points = [p for p in results["points"] if p.get("seed", first) == first]  # the first seed's
+    kinds = list(dict.fromkeys(p["kind"] for p in points))
     pairs_2d = results.get("pairs_2d") or {}
     rows = 2 if pairs_2d else 1
     fig = Figure(figsize=(4.5 * max(1, len(kinds)), 4.0 * rows), layout="constrained")
@@ -320,19 +324,19 @@ def plot_sweep(results: dict, path: str | os.PathLike, *, max_lines: int = 150) 
     for j, kind in enumerate(kinds):
         ax = axes[0][j]
         for name, marker in zip(STUDENT_ORDER, ("o", "s")):
-            sr = _series(results["points"], kind, name)
+            sr = _series(points, kind, name)
             if sr["dims"]:
                 line = ax.errorbar(sr["dims"], sr["ys"], yerr=[sr["lo"], sr["hi"]], marker=marker, capsize=3,
                                    label=f"student: {name}, finite-N")
                 ax.fill_between(sr["dims"], sr["band_lo"], sr["band_hi"], color=line[0].get_color(),
                                 alpha=0.18, lw=0, label=f"student: {name}, population bracket")
-        init = [(p["dim"], p["students"]["teacher_init"].get("delta_e_at_init")) for p in results["points"]
+        init = [(p["dim"], p["students"]["teacher_init"].get("delta_e_at_init")) for p in points
                 if p["kind"] == kind and "teacher_init" in p["students"]]
         init = [(d, v) for d, v in init if v is not None]
         if init:
             ax.plot(*zip(*init), ls=":", marker="x", color="tab:blue", alpha=0.6,
                     label="teacher_init before DMD")
-        ref = [(p["dim"], p["teacher"]["delta_e_vs_exact"]["delta_e"]) for p in results["points"]
+        ref = [(p["dim"], p["teacher"]["delta_e_vs_exact"]["delta_e"]) for p in points
                if p["kind"] == kind and p["teacher"].get("delta_e_vs_exact", {}).get("delta_e") is not None]
         if ref:
             ax.plot(*zip(*ref), "k--", lw=1, label="trained vs exact teacher")
