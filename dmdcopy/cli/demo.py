@@ -7,6 +7,12 @@ warnings), and writes ``results.json`` and ``sweep.png`` to ``--out``. ``--exper
 digits study (teacher convergence levels, memorising teacher; ``digits.json``, ``digits.png``),
 ``--experiment ablations`` the ablation switches (``ablations.json``, ``ablations.png``),
 ``--experiment all`` the three.
+
+Each finished point is written to the results file as it completes; ``--resume`` skips the points
+an earlier run with the same settings already wrote. Trained teachers are cached under
+``--teacher-cache`` (default: ``<out>/teachers``) and reused. ``--seeds 0,1,2`` (or
+``--num-seeds 3``) runs every point for several seeds and adds intervals over seeds; every student
+records Delta E over training every ``--eval-every`` generator steps (``curves.png``).
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ def register(subparsers) -> None:
                        help="tiny run, about 30 s on one CPU core (the CI check)")
     scale.add_argument("--full", dest="preset", action="store_const", const="full",
                        help="longer training, larger networks and more evaluation noises")
+    scale.add_argument("--long", dest="preset", action="store_const", const="long",
+                       help="the default's networks distilled 4x longer, 3 seeds; sweep: power-law "
+                            "Gaussian at d = 2, 32, 512 (about 20 min on one core; docs/experiments.md)")
     p.set_defaults(preset="default")
     p.add_argument("--experiment", choices=("sweep", "digits", "ablations", "all"), default="sweep",
                    help="what to run (default: the dimension sweep)")
@@ -53,7 +62,21 @@ def register(subparsers) -> None:
                    help="comma-separated data kinds: power_law_gaussian,gaussian_mixture "
                         "(ablations use the first)")
     p.add_argument("--students", default=None, help="comma-separated: teacher_init,scratch")
-    p.add_argument("--seed", type=int, default=0, help="base seed of data, teachers and students")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of data, teachers, students and distillation (default: 0, or the "
+                        "preset's seeds)")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", default=None,
+                       help="comma-separated seeds: run every point for each (overrides --seed)")
+    seeds.add_argument("--num-seeds", type=int, default=None,
+                       help="run every point for seeds --seed, --seed + 1, ... (N seeds)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="Delta E curve: measure every N generator steps, 0 for none (preset's)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the points the results file in --out already holds (same settings only)")
+    p.add_argument("--teacher-cache", default=None,
+                   help="folder of trained teachers, reused across runs (default: OUT/teachers)")
+    p.add_argument("--no-teacher-cache", action="store_true", help="train every teacher, cache none")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (preset's)")
     p.add_argument("--distill-steps", type=int, default=None, help="DMD generator updates (preset's)")
     p.add_argument("--lr", type=float, default=None, help="DMD learning rate of student and fake score")
@@ -99,10 +122,41 @@ def _distill_changes(args: argparse.Namespace, distill) -> dict:
     return {"distill": distill.replace(**changes)} if changes else {}
 
 
+def _seeds(args: argparse.Namespace) -> tuple[int, ...]:
+    from dmdcopy.errors import ConfigError
+
+    if args.num_seeds is not None:
+        if args.num_seeds < 1:
+            raise ConfigError(f"--num-seeds must be >= 1, got {args.num_seeds}")
+        base = args.seed or 0
+        return tuple(range(base, base + args.num_seeds))
+    if args.seeds is None:
+        return ()
+    try:
+        seeds = tuple(int(t) for t in args.seeds.replace(" ", "").split(",") if t)
+    except ValueError:
+        seeds = ()
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds takes distinct comma-separated non-negative ints, e.g. 0,1,2; "
+                          f"got {args.seeds!r}")
+    return seeds
+
+
 def _common_changes(args: argparse.Namespace, config) -> dict:
     from dmdcopy.errors import ConfigError
 
-    changes: dict = {"seed": args.seed, **_distill_changes(args, config.distill)}
+    changes: dict = _distill_changes(args, config.distill)
+    if args.seed is not None:
+        if args.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+        changes.update(seed=args.seed, seeds=())  # --seed S alone runs S only, whatever the preset
+    seeds = _seeds(args)
+    if seeds:
+        changes["seeds"] = seeds
+    if args.eval_every is not None:
+        if args.eval_every < 0:
+            raise ConfigError(f"--eval-every must be >= 0, got {args.eval_every}")
+        changes["eval_every"] = args.eval_every
     if args.teacher_steps is not None:
         if args.teacher_steps < 1:
             raise ConfigError(f"--teacher-steps must be >= 1, got {args.teacher_steps}")
@@ -113,7 +167,13 @@ def _common_changes(args: argparse.Namespace, config) -> dict:
 
 
 def _run_sweep(args: argparse.Namespace, device, out: Path) -> dict:
-    from dmdcopy.experiments.report import format_sweep_table, plot_sweep, write_json
+    from dmdcopy.experiments.report import (
+        format_seed_table,
+        format_sweep_table,
+        plot_curves,
+        plot_sweep,
+        write_json,
+    )
     from dmdcopy.experiments.sweep import SWEEP_PRESETS, run_dimension_sweep
 
     config = SWEEP_PRESETS[args.preset]()
@@ -125,19 +185,32 @@ def _run_sweep(args: argparse.Namespace, device, out: Path) -> dict:
     if args.students:
         changes["students"] = tuple(k.strip() for k in args.students.split(",") if k.strip())
     config = dataclasses.replace(config, **changes)
-    total = len(config.kinds) * len(config.dims) * (1 + len(config.students))
+    total = len(config.run_seeds()) * len(config.kinds) * len(config.dims) * (1 + len(config.students))
     progress, close = _progress_bar(total, not args.no_progress, "sweep")
+    json_path = out / "results.json"
     try:
-        results = run_dimension_sweep(config, device=device, progress=progress)
+        results = run_dimension_sweep(config, device=device, progress=progress, out=json_path,
+                                      resume=args.resume, teacher_cache=_cache(args, out))
     finally:
         close()
     results["preset"] = args.preset
-    json_path = write_json(out / "results.json", results)
+    write_json(json_path, {**results, "complete": True})
     print(format_sweep_table(results))
+    if len(config.run_seeds()) > 1:
+        print()
+        print(format_seed_table(results))
     print(f"\nsweep, {args.preset} preset, {results['seconds']:.0f} s on {device}; wrote {json_path}")
     if not args.no_plot:
         print(f"wrote {plot_sweep(results, out / 'sweep.png')}")
+        if config.eval_every > 0:
+            print(f"wrote {plot_curves(results, out / 'curves.png')}")
     return results
+
+
+def _cache(args: argparse.Namespace, out: Path) -> Path | None:
+    if args.no_teacher_cache:
+        return None
+    return Path(args.teacher_cache) if args.teacher_cache is not None else out / "teachers"
 
 
 def _digits_stages(config) -> int:
@@ -146,19 +219,20 @@ def _digits_stages(config) -> int:
     and its scratch student."""
     n_levels = len(config.level_steps())
     per_level = sum(2 + (1 if config.scratch and i == n_levels - 1 else 0) for i in range(n_levels))
-    return 1 + per_level + ((1 + int(config.scratch)) if config.memorising else 0)
+    per_seed = 1 + per_level + ((1 + int(config.scratch)) if config.memorising else 0)
+    return len(config.run_seeds()) * per_seed
 
 
 def _ablation_stages(config) -> int:
     """Progress messages :func:`run_ablations` sends: the teacher, the memorising network teacher
     when a variant uses one, and each variant."""
     extra = int(any(getattr(v, "memorising_net", False) for v in config.variants))
-    return 1 + extra + len(config.variants)
+    return len(config.run_seeds()) * (1 + extra + len(config.variants))
 
 
 def _run_digits(args: argparse.Namespace, device, out: Path) -> dict:
     from dmdcopy.experiments.digits import DIGITS_PRESETS, run_digits
-    from dmdcopy.experiments.report import format_digits_table, plot_digits, write_json
+    from dmdcopy.experiments.report import format_digits_table, format_seed_table, plot_digits, write_json
 
     config = DIGITS_PRESETS[args.preset]()
     changes = _common_changes(args, config)
@@ -168,13 +242,18 @@ def _run_digits(args: argparse.Namespace, device, out: Path) -> dict:
         changes["network"] = args.network
     config = dataclasses.replace(config, **changes)
     progress, close = _progress_bar(_digits_stages(config), not args.no_progress, "digits")
+    json_path = out / "digits.json"
     try:
-        results = run_digits(config, device=device, progress=progress)
+        results = run_digits(config, device=device, progress=progress, out=json_path, resume=args.resume,
+                             teacher_cache=_cache(args, out))
     finally:
         close()
     results["preset"] = args.preset
-    json_path = write_json(out / "digits.json", results)
+    write_json(json_path, {**results, "complete": True})
     print(format_digits_table(results))
+    if len(config.run_seeds()) > 1:
+        print()
+        print(format_seed_table(results))
     print(f"\ndigits, {args.preset} preset, {results['seconds']:.0f} s on {device}; wrote {json_path}")
     if not args.no_plot:
         print(f"wrote {plot_digits(results, out / 'digits.png')}")
@@ -183,7 +262,12 @@ def _run_digits(args: argparse.Namespace, device, out: Path) -> dict:
 
 def _run_ablations(args: argparse.Namespace, device, out: Path) -> dict:
     from dmdcopy.experiments.ablations import ABLATION_PRESETS, run_ablations
-    from dmdcopy.experiments.report import format_ablation_table, plot_ablations, write_json
+    from dmdcopy.experiments.report import (
+        format_ablation_table,
+        format_seed_table,
+        plot_ablations,
+        write_json,
+    )
 
     config = ABLATION_PRESETS[args.preset]()
     changes = _common_changes(args, config)
@@ -194,13 +278,18 @@ def _run_ablations(args: argparse.Namespace, device, out: Path) -> dict:
         changes["kind"] = args.kinds.split(",")[0].strip()
     config = dataclasses.replace(config, **changes)
     progress, close = _progress_bar(_ablation_stages(config), not args.no_progress, "ablations")
+    json_path = out / "ablations.json"
     try:
-        results = run_ablations(config, device=device, progress=progress)
+        results = run_ablations(config, device=device, progress=progress, out=json_path, resume=args.resume,
+                                teacher_cache=_cache(args, out))
     finally:
         close()
     results["preset"] = args.preset
-    json_path = write_json(out / "ablations.json", results)
+    write_json(json_path, {**results, "complete": True})
     print(format_ablation_table(results))
+    if len(config.run_seeds()) > 1:
+        print()
+        print(format_seed_table(results))
     print(f"\nablations, {args.preset} preset, {results['seconds']:.0f} s on {device}; wrote {json_path}")
     if not args.no_plot:
         print(f"wrote {plot_ablations(results, out / 'ablations.png')}")
@@ -242,6 +331,8 @@ def run(args: argparse.Namespace) -> int:
 def _count_non_finite(results: dict) -> int:
     if "points" in results:
         return sum(not s["finite"] for p in results["points"] for s in p["students"].values())
+    sections = [results, *(results.get("more_seeds") or {}).values()]  # one per seed
     if "variants" in results:
-        return sum(not r["finite"] for r in results["variants"].values())
-    return sum(not s["finite"] for t in results["teachers"].values() for s in t["students"].values())
+        return sum(not r["finite"] for sec in sections for r in sec["variants"].values())
+    return sum(not s["finite"] for sec in sections for t in sec["teachers"].values()
+               for s in t["students"].values())

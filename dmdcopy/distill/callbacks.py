@@ -63,6 +63,9 @@ class DeltaECallback:
         seeds: the fixed seeds (e.g. ``range(1000)``).
         pairs: a pair store holding the seeds; its teacher fingerprint is checked against
             ``distiller.teacher``. ``None`` integrates the teacher ODE in memory.
+        teacher: the teacher's samples of ``seeds`` made by the caller
+            (:class:`~dmdcopy.measure.TeacherSamples`, e.g. on a finer ODE grid); used as given,
+            instead of ``pairs`` or the ODE.
         sigmas, solver: the teacher ODE grid and solver when ``pairs`` is None (default: those of
             :func:`dmdcopy.samplers.teacher_ode`, Heun on Karras-18).
         batch: samples per forward pass.
@@ -88,6 +91,7 @@ class DeltaECallback:
         seeds: Iterable[int],
         *,
         pairs: PairStore | None = None,
+        teacher: TeacherSamples | None = None,
         sigmas: torch.Tensor | Sequence[float] | None = None,
         solver: Callable[..., torch.Tensor] = heun,
         batch: int = 256,
@@ -111,7 +115,9 @@ class DeltaECallback:
         if grid is not None and (not isinstance(grid, int) or isinstance(grid, bool) or grid < 0):
             raise ConfigError(f"DeltaECallback: grid must be None or an int >= 0, got {grid!r}")
         self.grid, self.grid_range = grid, tuple(grid_range)
-        self._teacher: TeacherSamples | None = None
+        if teacher is not None and [int(s) for s in teacher.seeds] != self.seeds:
+            raise ConfigError("DeltaECallback: teacher= holds other seeds than seeds=")
+        self._teacher: TeacherSamples | None = teacher
 
     def teacher_samples(self, distiller: Any) -> TeacherSamples:
         """The teacher's samples of the callback's seeds, made on first use and cached."""

@@ -23,9 +23,11 @@ __all__ = [
     "DELTA_E_FIELDS",
     "Timer",
     "batched",
+    "check_seeds",
     "delta_e_record",
     "gaussian_frechet",
     "map_error",
+    "over_seeds",
     "seeded",
     "teacher_set",
     "toy_distill_config",
@@ -174,3 +176,51 @@ def toy_distill_config(num_steps: int) -> DistillConfig:
         "toy", num_steps=num_steps, batch_size=128, ema_halflife_steps=None, progress_bar=False,
         log_every=10**9, checkpoint_every=10**9,
     )
+
+
+def over_seeds(values: Sequence[float | None]) -> dict:
+    """Per-seed figures and their spread over seeds.
+
+    Args:
+        values: one figure per seed, in seed order (``None`` where a run gave none, e.g. a student
+            with non-finite samples; such seeds are left out of the statistics).
+
+    Returns: ``dict(values, n, mean, sd, t_low, t_high, min, max)``: ``n`` finite values, their
+    mean, sample standard deviation, the 95 % Student-t interval of the mean
+    ``mean -/+ t_{0.975, n-1} sd / sqrt(n)`` (``None`` for ``n < 2``) and the range.
+    """
+    finite = [float(v) for v in values if v is not None and np.isfinite(v)]
+    n = len(finite)
+    out = dict(values=list(values), n=n, mean=None, sd=None, t_low=None, t_high=None, min=None, max=None)
+    if n == 0:
+        return out
+    arr = np.asarray(finite, dtype=np.float64)
+    out.update(mean=float(arr.mean()), min=float(arr.min()), max=float(arr.max()))
+    if n >= 2:
+        from scipy.stats import t as student_t
+
+        sd = float(arr.std(ddof=1))
+        half = float(student_t.ppf(0.975, n - 1)) * sd / np.sqrt(n)
+        out.update(sd=sd, t_low=out["mean"] - half, t_high=out["mean"] + half)
+    return out
+
+
+# The Delta E figures summarised over seeds in every experiment's ``over_seeds``.
+SEED_FIELDS = ("delta_e", "delta_e_lower", "delta_e_upper", "bracket_low", "bracket_high")
+
+
+def seed_summary(records: Sequence[dict | None]) -> dict:
+    """:func:`over_seeds` of each :data:`SEED_FIELDS` figure of per-seed student records (the
+    ``evaluate_student`` summaries, one per seed in seed order)."""
+    des = [(r or {}).get("delta_e") or {} for r in records]
+    return {k: over_seeds([de.get(k) for de in des]) for k in SEED_FIELDS}
+
+
+def check_seeds(seed: int, seeds: Sequence[int], where: str) -> None:
+    """A config's ``seed`` and ``seeds``: non-negative ints, ``seeds`` distinct."""
+    from dmdcopy.errors import ConfigError
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"{where}.seed must be a non-negative int, got {seed!r}")
+    if any(isinstance(s, bool) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}.seeds must be distinct non-negative ints, got {seeds}")

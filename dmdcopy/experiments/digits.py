@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,9 +31,19 @@ from torch import nn
 from dmdcopy.data.digits import load_digits, split_digits
 from dmdcopy.distill.config import DistillConfig
 from dmdcopy.errors import ConfigError
-from dmdcopy.experiments.common import Timer, batched, seeded, teacher_set, toy_distill_config
-from dmdcopy.experiments.pipeline import distill_student, evaluate_student, make_student
+from dmdcopy.experiments.common import (
+    Timer,
+    batched,
+    check_seeds,
+    seed_summary,
+    seeded,
+    teacher_set,
+    toy_distill_config,
+)
+from dmdcopy.experiments.pipeline import CurveCallback, distill_student, evaluate_student, make_student
 from dmdcopy.experiments.report import machine_info
+from dmdcopy.experiments.resume import ResultsFile, seed_section
+from dmdcopy.experiments.teacher_cache import cached_teacher
 from dmdcopy.experiments.teacher_training import TeacherConfig, train_teacher
 from dmdcopy.nets.image_mlp import ImageMLP
 from dmdcopy.noise import noise_for_seeds
@@ -41,7 +52,7 @@ from dmdcopy.samplers import teacher_ode
 from dmdcopy.schedules import karras_sigmas
 from dmdcopy.w2 import sliced_wasserstein
 
-__all__ = ["DIGITS_PRESETS", "DigitsConfig", "memorisation_stats", "run_digits"]
+__all__ = ["DIGITS_PRESETS", "DigitsConfig", "digits_seeds", "memorisation_stats", "run_digits"]
 
 EVAL_SEED_OFFSET = 2_000_000
 
@@ -64,10 +75,16 @@ class DigitsConfig:
     num_eval: int = 500  # evaluation noises
     ode_steps: int = 32  # Heun steps of each teacher's map
     n_boot: int = 500
-    seed: int = 0
+    seed: int = 0  # data split, teacher, student and distillation seeds derive from it (digits_seeds)
+    seeds: tuple[int, ...] = ()  # run the experiment for each of these seeds (empty: just `seed`)
+    eval_every: int = 50  # Delta E curve: measure every this many generator steps (0: no curve)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(float(v) for v in self.levels))
+        object.__setattr__(self, "seeds", tuple(int(v) for v in self.seeds))
+        check_seeds(self.seed, self.seeds, "DigitsConfig")
+        if self.eval_every < 0:
+            raise ConfigError(f"DigitsConfig.eval_every must be >= 0, got {self.eval_every}")
         if self.resolution not in (8, 16, 32):
             raise ConfigError(f"DigitsConfig.resolution must be 8, 16 or 32, got {self.resolution}")
         if self.network not in ("mlp", "unet"):
@@ -80,6 +97,10 @@ class DigitsConfig:
     def level_steps(self) -> tuple[int, ...]:
         return tuple(sorted({max(1, round(v * self.teacher.steps)) for v in self.levels}))
 
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds the experiment runs for: ``seeds``, or ``(seed,)`` when it is empty."""
+        return self.seeds or (self.seed,)
+
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["teacher"] = dataclasses.asdict(self.teacher)
@@ -88,19 +109,29 @@ class DigitsConfig:
 
 
 def _digits_preset(teacher_steps: int, distill_steps: int, levels: tuple[float, ...], num_eval: int,
-                   **kwargs) -> DigitsConfig:
+                   eval_every: int, **kwargs) -> DigitsConfig:
     return DigitsConfig(teacher=TeacherConfig(steps=teacher_steps, batch=128), levels=levels,
                         distill=toy_distill_config(distill_steps), num_eval=num_eval,
-                        **kwargs)
+                        eval_every=eval_every, **kwargs)
 
 
-# Scales of the digits experiment, as the CLI's --quick / default / --full.
+# Scales of the digits experiment, as the CLI's --quick / default / --full / --long (the default's
+# setting distilled 4x longer, 3 seeds).
 DIGITS_PRESETS: dict[str, Callable[[], DigitsConfig]] = {
-    "quick": lambda: _digits_preset(300, 60, (0.1, 1.0), 300, hidden=128),
-    "default": lambda: _digits_preset(2000, 300, (0.05, 0.25, 1.0), 500),
-    "full": lambda: _digits_preset(6000, 1500, (0.05, 0.25, 1.0), 1000, resolution=16, network="unet",
+    "quick": lambda: _digits_preset(300, 60, (0.1, 1.0), 300, 20, hidden=128),
+    "default": lambda: _digits_preset(2000, 300, (0.05, 0.25, 1.0), 500, 50),
+    "full": lambda: _digits_preset(6000, 1500, (0.05, 0.25, 1.0), 1000, 250, resolution=16, network="unet",
                                    unet_channels=32),
+    "long": lambda: _digits_preset(2000, 1200, (0.05, 0.25, 1.0), 500, 100, seeds=(0, 1, 2)),
 }
+
+
+def digits_seeds(seed: int) -> dict[str, int]:
+    """The seeds of every random draw of the digits experiment for run seed ``seed``: ``split``
+    (training / held-out split), ``net`` (the teacher's initial weights), ``teacher_training``,
+    ``student`` (scratch students' initial weights) and ``distill`` (``DistillConfig.seed``). The
+    evaluation noises and the sliced-Wasserstein projections are the same for every seed."""
+    return dict(split=seed, net=seed, teacher_training=seed + 1, student=seed + 5, distill=seed + 6)
 
 
 def _make_net(config: DigitsConfig, shape: tuple[int, ...]) -> nn.Module:
@@ -136,17 +167,71 @@ def run_digits(
     *,
     device: torch.device | str = "cpu",
     progress: Callable[[str], None] | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    teacher_cache: str | os.PathLike | None = None,
 ) -> dict:
     """Run the digits experiment; returns a JSON-ready dict (config, machine, teachers, seconds).
 
     ``results["teachers"]`` has one entry per convergence level (``"step_<n>"``) and, with
-    ``memorising``, ``"memorising"``; each holds the teacher's quality and its students' records.
+    ``memorising``, ``"memorising"``; each holds the teacher's quality and its students' records
+    (with a Delta E ``curve`` over training when ``config.eval_every``). These, ``teacher_train``,
+    ``held_out_floor`` and ``final_level`` are those of the first run seed; ``more_seeds`` holds the
+    same four for every further seed (by seed, as a string), and ``over_seeds`` the per-seed Delta E
+    figures of each (teacher, student) with their mean, t-interval and range.
+
+    ``out``, ``resume`` and ``teacher_cache`` as in
+    :func:`~dmdcopy.experiments.run_dimension_sweep`; the unit written and skipped is one level
+    (one entry of ``teachers``) of one seed.
     """
     device = torch.device(device)
-    say = progress or (lambda _msg: None)
-    timer = Timer()
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(config.seed)
+    timer = Timer()
+    file = ResultsFile(out, "digits", config.to_dict(), resume=resume)
+    seeds = config.run_seeds()
+    head = dict(experiment="digits", config=config.to_dict(), machine=machine_info(device),
+                eval_seeds=[EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + config.num_eval - 1],  # first, last
+                seeds=list(seeds))
+    sections: dict[int, dict] = {}
+
+    def document() -> dict:
+        doc = dict(head)
+        if seeds[0] in sections:
+            doc.update(sections[seeds[0]])
+        doc["more_seeds"] = {str(s): sections[s] for s in seeds[1:] if s in sections}
+        doc["note"] = None if config.network == "unet" else "network: MLP on flattened images"
+        return doc
+
+    def on_level(seed: int, section: dict) -> None:
+        sections[seed] = section
+        file.write(document(), complete=False)
+
+    for seed in seeds:
+        previous = seed_section(file.previous, seed, seeds[0])
+        sections[seed] = _run_digits_seed(config, seed, device=device, progress=progress, timer=timer,
+                                          previous=previous, teacher_cache=teacher_cache,
+                                          on_level=lambda sec, seed=seed: on_level(seed, sec))
+    results = document()
+    names = list(sections[seeds[0]]["teachers"])
+    results["over_seeds"] = [
+        dict(teacher=name, student=init, seeds=list(seeds),
+             **seed_summary([sections[s]["teachers"].get(name, {}).get("students", {}).get(init)
+                             for s in seeds]))
+        for name in names for init in sections[seeds[0]]["teachers"][name]["students"]
+    ]
+    results.update(seconds=time.perf_counter() - t0, timings=timer.seconds)
+    file.write(results, complete=True)
+    return results
+
+
+def _run_digits_seed(config: DigitsConfig, seed: int, *, device: torch.device, progress, timer: Timer,
+                     previous: dict | None, teacher_cache, on_level: Callable[[dict], None]) -> dict:
+    """One seed of :func:`run_digits`: its ``teacher_train``, ``held_out_floor``, ``final_level`` and
+    ``teachers``; ``on_level(section)`` after each finished level."""
+    say = progress or (lambda _msg: None)
+    rng = digits_seeds(seed)
+    tag = "" if len(config.run_seeds()) == 1 else f" seed={seed}"
+    g = torch.Generator().manual_seed(rng["split"])
     images = load_digits(config.resolution)
     train, held_out = split_digits(images, config.train_fraction, generator=g)
     train, held_out = train.to(device), held_out.to(device)
@@ -156,12 +241,25 @@ def run_digits(
         idx = torch.randint(train.shape[0], (n,), generator=gen)
         return train[idx.to(device)]
 
-    say("digits: teacher")
-    net = seeded(config.seed, lambda: _make_net(config, shape)).to(device)
+    say(f"digits{tag}: teacher")
     steps = config.level_steps()
+
+    def build() -> EDMPrecond:
+        net = seeded(rng["net"], lambda: _make_net(config, shape)).to(device)
+        return EDMPrecond(net, sigma_data=config.teacher.sigma_data, sigma_min=config.teacher.sigma_min,
+                          sigma_max=config.teacher.sigma_max)
+
+    spec = dict(experiment="digits", resolution=config.resolution, train_fraction=config.train_fraction,
+                split_seed=rng["split"],
+                net=dict(network=config.network, hidden=config.hidden, depth=config.depth,
+                         unet_channels=config.unet_channels, seed=rng["net"]),
+                teacher=dataclasses.asdict(config.teacher), generator_seed=rng["teacher_training"],
+                snapshot_steps=list(steps))
     with timer("teacher_training"):
-        trained = train_teacher(sample_train, net, config.teacher, snapshot_steps=steps,
-                                generator=torch.Generator().manual_seed(config.seed + 1))
+        trained, _ = cached_teacher(
+            teacher_cache, spec, build=build, config=config.teacher,
+            train=lambda: train_teacher(sample_train, build().model, config.teacher, snapshot_steps=steps,
+                                        generator=torch.Generator().manual_seed(rng["teacher_training"])))
     eval_seeds = range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + config.num_eval)
     z = noise_for_seeds(eval_seeds, shape, device=device)
     ref = held_out[: min(config.num_eval, held_out.shape[0])]
@@ -172,16 +270,16 @@ def run_digits(
         sw = sliced_wasserstein(x[:n].cpu(), ref[:n].cpu(), generator=torch.Generator().manual_seed(3))
         return dict(sliced_wasserstein_held_out=sw, **memorisation_stats(x, train))
 
-    teachers: dict[str, dict] = {}
-    jobs: list[tuple[str, nn.Module, list[str]]] = []
+    def sw_only(x: torch.Tensor) -> float:
+        n = min(x.shape[0], ref.shape[0])
+        return sliced_wasserstein(x[:n].cpu(), ref[:n].cpu(), generator=torch.Generator().manual_seed(3))
+
+    jobs: list[tuple[str, nn.Module | None, list[str]]] = []
     for s in steps:
         inits = ["teacher_init"] + (["scratch"] if config.scratch and s == steps[-1] else [])
-        jobs.append((f"step_{s}", trained.at_step(s).to(device), inits))
+        jobs.append((f"step_{s}", None, inits))
     if config.memorising:
-        from dmdcopy.teachers import EmpiricalTeacher
-
-        memo = EmpiricalTeacher(train, sigma_max=config.teacher.sigma_max).to(device)
-        jobs.append(("memorising", memo, ["scratch"] if config.scratch else []))
+        jobs.append(("memorising", None, ["scratch"] if config.scratch else []))
 
     # real digits against real digits: training images vs the held-out reference, and how often
     # unseen digits pass the memorisation criterion against the training set
@@ -191,31 +289,49 @@ def run_digits(
                                                        generator=torch.Generator().manual_seed(3)),
         **memorisation_stats(held_out, train),
     )
-    for name, teacher, inits in jobs:
-        say(f"digits: {name} teacher map")
+    teachers: dict[str, dict] = {}
+    section = dict(rng=rng, teacher_train=trained.summary(), held_out_floor=floor,
+                   final_level=f"step_{steps[-1]}", teachers=teachers)
+    old = (previous or {}).get("teachers") or {}
+    dcfg = config.distill.replace(seed=rng["distill"])
+    for name, _, inits in jobs:
+        if name in old and set(old[name].get("students", {})) == set(inits):
+            for stage in ("teacher map", *(f"student {i}" for i in inits)):
+                say(f"digits{tag}: {name} {stage} (done)")
+            teachers[name] = old[name]
+            continue
+        if name == "memorising":
+            from dmdcopy.teachers import EmpiricalTeacher
+
+            teacher = EmpiricalTeacher(train, sigma_max=config.teacher.sigma_max).to(device)
+        else:
+            teacher = trained.at_step(int(name.removeprefix("step_"))).to(device)
+        say(f"digits{tag}: {name} teacher map")
         with timer(f"map_{name}"), torch.no_grad():
             t_samples = batched(lambda zz, T=teacher: teacher_ode(T, zz, sig), z, 256)
         t_set = teacher_set(eval_seeds, z, t_samples, sigmas=sig)
         rec: dict = dict(quality=quality(t_samples), students={})
         for init in inits:
-            say(f"digits: {name} student {init}")
+            say(f"digits{tag}: {name} student {init}")
             base = teacher if isinstance(teacher, EDMPrecond) else trained.denoiser
-            G = make_student(base, init, seed=config.seed + 5)
+            G = make_student(base, init, seed=rng["student"])
             # an exact (memorising) teacher has no weights: its fake score starts from the trained one
             fake = None if isinstance(teacher, EDMPrecond) else copy.deepcopy(trained.denoiser)
+            curve = None
+            if config.eval_every > 0:
+                curve = CurveCallback(config.eval_every, t_set, quality=sw_only, batch=256)
+                curve.record(0, G)
             with timer(f"distill_{name}_{init}"):
-                run = distill_student(teacher, G, config.distill, fake_score=fake)
+                run = distill_student(teacher, G, dcfg, fake_score=fake, callbacks=(curve,) if curve else (),
+                                      seed=rng["distill"])
             G.eval()
             with timer(f"eval_{name}_{init}"):
                 st, _ = evaluate_student(G, t_set, quality=quality, n_boot=config.n_boot, batch=256)
-            st["distill"] = run
+            st["distill"] = dict(run, seed=rng["distill"])
+            if curve is not None:
+                st["curve"] = dict(curve.curve, quality_name="sliced_wasserstein_held_out",
+                                   quality_floor=floor["sliced_wasserstein_held_out"])
             rec["students"][init] = st
         teachers[name] = rec
-    final = f"step_{steps[-1]}"
-    return dict(
-        experiment="digits", config=config.to_dict(), machine=machine_info(device),
-        eval_seeds=[EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + config.num_eval - 1],  # first, last
-        teacher_train=trained.summary(), held_out_floor=floor, final_level=final, teachers=teachers,
-        seconds=time.perf_counter() - t0, timings=timer.seconds,
-        note=None if config.network == "unet" else "network: MLP on flattened images",
-    )
+        on_level(section)
+    return section

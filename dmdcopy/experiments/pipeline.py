@@ -17,13 +17,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dmdcopy.distill.callbacks import DeltaECallback
 from dmdcopy.errors import ConfigError
 from dmdcopy.experiments.common import batched, delta_e_record, seeded, transport_summary
 from dmdcopy.measure import TeacherSamples, measure_student
 from dmdcopy.precond import EDMPrecond
 from dmdcopy.students import OneStepStudent
 
-__all__ = ["STUDENT_INITS", "distill_student", "evaluate_student", "make_student"]
+__all__ = ["STUDENT_INITS", "CurveCallback", "distill_student", "evaluate_student", "make_student"]
 
 # How a student's weights start: a copy of the teacher (DMD2) or a fresh network.
 STUDENT_INITS = ("teacher_init", "scratch")
@@ -146,3 +147,64 @@ def evaluate_student(
     out["transport"] = transport_summary(teacher.z, s, n_boot=n_boot)
     out["quality"] = quality(s) if quality is not None else {}
     return out, s.cpu()
+
+
+# The figures a training curve keeps at each measurement (PairingResult fields, n_boot = 0).
+CURVE_FIELDS = ("delta_e", "delta_e_lower", "delta_e_upper", "resolution")
+
+
+class CurveCallback(DeltaECallback):
+    """Delta E over training: the bracket and the finite-N figure of the student every ``every``
+    generator steps (through :class:`~dmdcopy.distill.callbacks.DeltaECallback`, on the
+    experiment's own teacher samples), and the student's distribution quality at the same steps.
+
+    Args:
+        every: measure when ``step % every == 0``.
+        teacher: the teacher's map of the evaluation noises (the experiment's ``teacher_set``).
+        quality: ``samples -> float``, e.g. the sliced Wasserstein distance to exact data.
+
+    :attr:`curve` is a dict of equal-length lists: ``step``, ``delta_e`` (finite-N),
+    ``delta_e_lower`` / ``delta_e_upper`` (the bracket's point estimates; no bootstrap, to keep a
+    measurement cheap), ``resolution``, ``quality`` and ``nonfinite`` (non-finite student samples;
+    the figures are ``None`` then). :meth:`record` adds a point by hand (step 0, before training).
+    """
+
+    def __init__(self, every: int, teacher: TeacherSamples, *,
+                 quality: Callable[[torch.Tensor], float] | None = None, batch: int = 1024) -> None:
+        super().__init__(every, teacher.seeds, teacher=teacher, batch=batch, n_boot=0)
+        self.quality = quality
+        self.curve: dict[str, list] = {k: [] for k in ("step", *CURVE_FIELDS, "quality", "nonfinite")}
+
+    def record(self, step: int, G: Callable[..., torch.Tensor]) -> None:
+        """Measure the student ``G`` now and append it to the curve as step ``step``."""
+        ts = self._teacher
+        report = measure_student(G, ts, batch=self.batch, n_boot=0)
+        self._append(step, report, G)
+
+    def _append(self, step: int, report, G) -> None:
+        r = report.result
+        self.curve["step"].append(int(step))
+        for key in CURVE_FIELDS:
+            self.curve[key].append(None if r is None else getattr(r, key))
+        q = None
+        if r is not None and self.quality is not None:
+            module = G if isinstance(G, nn.Module) else None
+            was_training = module.training if module is not None else False
+            if module is not None:
+                module.eval()  # as measure_student runs it
+            try:
+                with torch.no_grad():
+                    q = self.quality(batched(G, self._teacher.z, self.batch).detach())
+            finally:
+                if module is not None:
+                    module.train(was_training)
+        self.curve["quality"].append(q)
+        self.curve["nonfinite"].append(int(report.n_nonfinite))
+
+    def __call__(self, distiller, step: int) -> None:
+        if step % self.every != 0:
+            return None
+        ema = getattr(distiller, "ema_student", None)
+        G = ema if (self.use_ema and ema is not None) else distiller.student
+        self._append(step, self.measure(distiller), G)
+        return None

@@ -24,10 +24,12 @@ from dmdcopy.errors import ConfigError
 __all__ = [
     "format_ablation_table",
     "format_digits_table",
+    "format_seed_table",
     "format_sweep_table",
     "machine_info",
     "plot_ablations",
     "plot_bars",
+    "plot_curves",
     "plot_digits",
     "plot_sweep",
     "require_matplotlib",
@@ -150,28 +152,122 @@ def format_sweep_table(results: dict) -> str:
     """A plain-text table of a dimension sweep: one row per (data kind, d, student), with the
     finite-N Delta E, its bootstrap interval, the population bracket and the metric's warnings
     (numbered below the table)."""
-    head = (f"{'data':<18} {'d':>5} {'student':<13} {_DE_HEAD} {'res.':>5} {'own%':>5} "
+    several = len(results.get("seeds") or [0]) > 1  # then a seed column after d
+    seed_col = f"{'seed':>5} " if several else ""
+    head = (f"{'data':<18} {'d':>5} {seed_col}{'student':<13} "
+            f"{_DE_HEAD} {'res.':>5} {'own%':>5} "
             f"{'teacher ODE err':>15} {'SW student':>10} {'SW teacher':>10}  warn")
     lines = [head, "-" * len(head)]
     notes = _Warnings()
     for point in results["points"]:
         teacher = point["teacher"]
+        where = f"{point['kind']:<18} {point['dim']:>5} "
+        if several:
+            where += f"{point.get('seed', ''):>5} "
         for name in STUDENT_ORDER:
             if name not in point["students"]:
                 continue
             st = point["students"][name]
             de = st["delta_e"]
             if not st["finite"] or de is None:
-                lines.append(f"{point['kind']:<18} {point['dim']:>5} {name:<13} {_non_finite(st)}")
+                lines.append(f"{where}{name:<13} {_non_finite(st)}")
                 continue
             lines.append(
-                f"{point['kind']:<18} {point['dim']:>5} {name:<13} {_de_cells(de)} "
+                f"{where}{name:<13} {_de_cells(de)} "
                 f"{_fmt(de['resolution'], 2):>5} {100 * (de['own_pair_rate'] or 0):>5.1f} "
                 f"{_fmt(teacher['ode_error']['relative_rmse']):>15} "
                 f"{_fmt(st['quality']['sliced_wasserstein']):>10} "
                 f"{_fmt(teacher['quality']['sliced_wasserstein']):>10}  {notes.mark(de)}"
             )
     return _finish(lines, notes)
+
+
+def _seed_label(row: dict) -> str:
+    if "kind" in row:
+        return f"{row['kind']} d={row['dim']} {row['student']}"
+    if "variant" in row:
+        return row["variant"]
+    return f"{row['teacher']}/{row['student']}"
+
+
+def format_seed_table(results: dict) -> str:
+    """A plain-text table of the spread over seeds (``results["over_seeds"]``, any experiment): per
+    point, the number of seeds, the mean and 95 % Student-t interval over seeds of the finite-N
+    Delta E and of the two bracket ends, and the per-seed finite-N figures."""
+    rows = results.get("over_seeds") or []
+    labels = [_seed_label(r) for r in rows]
+    width = max([len("point"), *map(len, labels)])
+    head = (f"{'point':<{width}} {'n':>2} {'Delta E mean':>12} {'t 95% over seeds':>16} "
+            f"{'lower mean':>10} {'t 95%':>16} {'upper mean':>10} {'t 95%':>16}  per seed")
+    lines = [head, "-" * len(head)]
+    for label, r in zip(labels, rows):
+        de, lo, hi = r["delta_e"], r["delta_e_lower"], r["delta_e_upper"]
+        per = " ".join(_fmt(v) for v in de["values"])
+        lines.append(f"{label:<{width}} {de['n']:>2} {_fmt(de['mean']):>12} "
+                     f"{_pair(de['t_low'], de['t_high']):>16} "
+                     f"{_fmt(lo['mean']):>10} {_pair(lo['t_low'], lo['t_high']):>16} "
+                     f"{_fmt(hi['mean']):>10} {_pair(hi['t_low'], hi['t_high']):>16}  {per}")
+    lines += ["", "over seeds: mean and 95 % Student-t interval of the mean (mean -/+ t sd / sqrt(n)) of the",
+              "finite-N Delta E and of the bracket ends (delta_e_lower, delta_e_upper); n/a with one seed."]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _curve_mean(curves: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Steps and the mean over seeds of ``key`` of curves measured at the same steps (NaN where a
+    seed has no figure)."""
+    steps = curves[0]["step"]
+    same = [c for c in curves if c["step"] == steps]
+    vals = [[_num(c[key][i]) for c in same] for i in range(len(steps))]
+    return steps, [sum(v) / len(v) for v in vals]
+
+
+def plot_curves(results: dict, path: str | os.PathLike) -> Path:
+    """Delta E over training for a dimension sweep, saved as PNG at ``path``.
+
+    One column per (data kind, student); top row: Delta E against generator steps, one colour per d,
+    the finite-N figure as a line and the bracket ``[delta_e_lower, delta_e_upper]`` as a band of
+    the same colour (means over seeds, when there are several); bottom row: the student's sliced
+    Wasserstein distance to exact data over its floor (two exact sample sets), at the same steps:
+    1 is as close as N samples can tell, so a Delta E read off a curve still far above 1 there is
+    that of a student that has not yet matched the data.
+    """
+    Figure, FigureCanvasAgg = require_matplotlib()
+    points = results["points"]
+    cols = list(dict.fromkeys((p["kind"], name) for p in points for name in STUDENT_ORDER
+                              if "curve" in p["students"].get(name, {})))
+    fig = Figure(figsize=(4.5 * max(1, len(cols)), 7.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, max(1, len(cols)), squeeze=False)
+    for j, (kind, name) in enumerate(cols):
+        ax, ax2 = axes[0][j], axes[1][j]
+        dims = list(dict.fromkeys(p["dim"] for p in points if p["kind"] == kind))
+        for dim in dims:
+            curves = [p["students"][name]["curve"] for p in points
+                      if p["kind"] == kind and p["dim"] == dim and "curve" in p["students"].get(name, {})]
+            if not curves:
+                continue
+            steps, de = _curve_mean(curves, "delta_e")
+            _, lo = _curve_mean(curves, "delta_e_lower")
+            _, hi = _curve_mean(curves, "delta_e_upper")
+            line = ax.plot(steps, de, marker=".", label=f"d = {dim}")[0]
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
+            _, q = _curve_mean(curves, "quality")
+            floor = sum(_num(c.get("quality_floor")) for c in curves) / len(curves)
+            ax2.plot(steps, [v / floor if floor > 0 else float("nan") for v in q], marker=".",
+                     color=line.get_color(), label=f"d = {dim}")
+        n_seeds = len(results.get("seeds") or [0])
+        ax.set_title(f"{kind}, {name}" + (f" (mean of {n_seeds} seeds)" if n_seeds > 1 else ""))
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axhline(1, color="grey", lw=0.5, ls=":")
+        ax.set_xlabel("generator steps")
+        ax.set_ylabel("Delta E: line finite-N, band bracket")
+        ax.legend(fontsize=8)
+        ax2.axhline(1, color="grey", lw=0.5, ls=":")
+        ax2.set_yscale("log")
+        ax2.set_xlabel("generator steps")
+        ax2.set_ylabel("sliced Wasserstein / floor")
+    fig.savefig(path, dpi=110)
+    return Path(path)
 
 
 def _num(v: float | None) -> float:
@@ -213,9 +309,13 @@ def plot_sweep(results: dict, path: str | os.PathLike, *, max_lines: int = 150) 
     scratch) of the same noise ``z``, joined by a grey
     segment: short segments mean the student sends each noise where the teacher does (copying),
     long crossing ones that it remaps the noise.
+    With several seeds the figure shows the first seed's points (the spread over seeds is in
+    ``results["over_seeds"]`` and :func:`format_seed_table`; :func:`plot_curves` averages seeds).
     """
     Figure, FigureCanvasAgg = require_matplotlib()
-    kinds = list(dict.fromkeys(p["kind"] for p in results["points"]))
+    first = (results.get("seeds") or [None])[0]
+    points = [p for p in results["points"] if p.get("seed", first) == first]  # the first seed's
+    kinds = list(dict.fromkeys(p["kind"] for p in points))
     pairs_2d = results.get("pairs_2d") or {}
     rows = 2 if pairs_2d else 1
     fig = Figure(figsize=(4.5 * max(1, len(kinds)), 4.0 * rows), layout="constrained")
@@ -224,19 +324,19 @@ def plot_sweep(results: dict, path: str | os.PathLike, *, max_lines: int = 150) 
     for j, kind in enumerate(kinds):
         ax = axes[0][j]
         for name, marker in zip(STUDENT_ORDER, ("o", "s")):
-            sr = _series(results["points"], kind, name)
+            sr = _series(points, kind, name)
             if sr["dims"]:
                 line = ax.errorbar(sr["dims"], sr["ys"], yerr=[sr["lo"], sr["hi"]], marker=marker, capsize=3,
                                    label=f"student: {name}, finite-N")
                 ax.fill_between(sr["dims"], sr["band_lo"], sr["band_hi"], color=line[0].get_color(),
                                 alpha=0.18, lw=0, label=f"student: {name}, population bracket")
-        init = [(p["dim"], p["students"]["teacher_init"].get("delta_e_at_init")) for p in results["points"]
+        init = [(p["dim"], p["students"]["teacher_init"].get("delta_e_at_init")) for p in points
                 if p["kind"] == kind and "teacher_init" in p["students"]]
         init = [(d, v) for d, v in init if v is not None]
         if init:
             ax.plot(*zip(*init), ls=":", marker="x", color="tab:blue", alpha=0.6,
                     label="teacher_init before DMD")
-        ref = [(p["dim"], p["teacher"]["delta_e_vs_exact"]["delta_e"]) for p in results["points"]
+        ref = [(p["dim"], p["teacher"]["delta_e_vs_exact"]["delta_e"]) for p in points
                if p["kind"] == kind and p["teacher"].get("delta_e_vs_exact", {}).get("delta_e") is not None]
         if ref:
             ax.plot(*zip(*ref), "k--", lw=1, label="trained vs exact teacher")
