@@ -54,7 +54,7 @@ from dmdcopy.experiments import (
 )
 from dmdcopy.experiments.common import DELTA_E_FIELDS, teacher_set
 from dmdcopy.experiments.pipeline import evaluate_student
-from dmdcopy.experiments.report import require_matplotlib, to_jsonable
+from dmdcopy.experiments.report import plot_digit_pairs, require_matplotlib, to_jsonable
 from dmdcopy.nets import MLP, ImageMLP
 from dmdcopy.noise import noise_for_seeds
 from dmdcopy.precond import EDMPrecond
@@ -427,6 +427,16 @@ def test_digits_smoke(tmp_path, network):
     parsed = json.loads(write_json(tmp_path / "d.json", results).read_text())
     assert "memorising" in format_digits_table(parsed)
     assert plot_digits(parsed, tmp_path / "d.png").exists()
+    # the picture of copying: teacher and student images of the first evaluation noises, per student
+    pic = parsed["teachers"]["step_4"]["students"]["teacher_init"]["pictures"]
+    shape = list(load_digits(8).shape[1:])
+    assert [list(torch.tensor(pic[k]).shape) for k in ("teacher", "student")] == [[8, *shape]] * 2
+    assert pic["seeds"] == [2_000_000, 2_000_007]
+    from matplotlib import image as mpimg
+
+    img = mpimg.imread(plot_digit_pairs(parsed, tmp_path / "pairs.png"))
+    assert img[..., :3].std() > 0.01  # not blank
+    assert plot_digit_pairs({"teachers": {}}, tmp_path / "none.png") is None
 
 
 def test_digits_config_rejects_bad_fields():

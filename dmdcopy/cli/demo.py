@@ -4,7 +4,8 @@ Trains small teachers on power-law Gaussians and Gaussian mixtures in several di
 distils one-step DMD students (from the teacher and from scratch), prints Delta E per dimension
 (the finite-N figure with its interval, the bracket for the population Delta E, and the metric's
 warnings), and writes ``results.json`` and ``sweep.png`` to ``--out``. ``--experiment digits`` runs the
-digits study (teacher convergence levels, memorising teacher; ``digits.json``, ``digits.png``),
+digits study (teacher convergence levels, memorising teacher; ``digits.json``, ``digits.png``,
+``digits_pairs.png``),
 ``--experiment ablations`` the ablation switches (``ablations.json``, ``ablations.png``),
 ``--experiment all`` the three.
 
@@ -232,7 +233,13 @@ def _ablation_stages(config) -> int:
 
 def _run_digits(args: argparse.Namespace, device, out: Path) -> dict:
     from dmdcopy.experiments.digits import DIGITS_PRESETS, run_digits
-    from dmdcopy.experiments.report import format_digits_table, format_seed_table, plot_digits, write_json
+    from dmdcopy.experiments.report import (
+        format_digits_table,
+        format_seed_table,
+        plot_digit_pairs,
+        plot_digits,
+        write_json,
+    )
 
     config = DIGITS_PRESETS[args.preset]()
     changes = _common_changes(args, config)
@@ -257,6 +264,9 @@ def _run_digits(args: argparse.Namespace, device, out: Path) -> dict:
     print(f"\ndigits, {args.preset} preset, {results['seconds']:.0f} s on {device}; wrote {json_path}")
     if not args.no_plot:
         print(f"wrote {plot_digits(results, out / 'digits.png')}")
+        pairs = plot_digit_pairs(results, out / "digits_pairs.png")
+        if pairs is not None:
+            print(f"wrote {pairs} (teacher and student images from the same noise)")
     return results
 
 

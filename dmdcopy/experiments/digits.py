@@ -126,6 +126,15 @@ DIGITS_PRESETS: dict[str, Callable[[], DigitsConfig]] = {
 }
 
 
+# Teacher/student image pairs kept per student for the digits picture (``digits_pairs.png``).
+PICTURE_PAIRS = 8
+
+
+def _rounded(x: torch.Tensor) -> list:
+    """Images as nested lists with 4 decimals (a picture needs no more; NaN stays NaN)."""
+    return torch.round(x.detach().float().cpu(), decimals=4).tolist()
+
+
 def digits_seeds(seed: int) -> dict[str, int]:
     """The seeds of every random draw of the digits experiment for run seed ``seed``: ``split``
     (training / held-out split), ``net`` (the teacher's initial weights), ``teacher_training``,
@@ -326,7 +335,11 @@ def _run_digits_seed(config: DigitsConfig, seed: int, *, device: torch.device, p
                                       seed=rng["distill"])
             G.eval()
             with timer(f"eval_{name}_{init}"):
-                st, _ = evaluate_student(G, t_set, quality=quality, n_boot=config.n_boot, batch=256)
+                st, s_samples = evaluate_student(G, t_set, quality=quality, n_boot=config.n_boot, batch=256)
+            # the picture of copying: teacher and student images of the first evaluation noises
+            st["pictures"] = dict(seeds=[EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + PICTURE_PAIRS - 1],
+                                  teacher=_rounded(t_samples[:PICTURE_PAIRS]),
+                                  student=_rounded(s_samples[:PICTURE_PAIRS]))
             st["distill"] = dict(run, seed=rng["distill"])
             if curve is not None:
                 st["curve"] = dict(curve.curve, quality_name="sliced_wasserstein_held_out",

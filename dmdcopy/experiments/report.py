@@ -470,6 +470,31 @@ def plot_ablations(results: dict, path: str | os.PathLike) -> Path:
     return plot_bars(rows, path, title=f"ablations: {d['kind']}, d = {d['dim']}", brackets=brackets)
 
 
+def plot_digit_pairs(results: dict, path: str | os.PathLike) -> Path | None:
+    """The picture of copying for the digits study: one row per teacher level and student, each
+    with the teacher's and the student's images of the same evaluation noises side by side
+    (teacher left). ``None`` when the results hold no pictures (written before they were kept)."""
+    from dmdcopy.viz import image_grid
+
+    rows = [(f"{name} / {init}", st["pictures"]) for name, rec in results["teachers"].items()
+            for init, st in rec["students"].items() if st.get("pictures")]
+    if not rows:
+        return None
+    Figure, FigureCanvasAgg = require_matplotlib()
+    fig = Figure(figsize=(8, 1.2 * len(rows) + 0.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), 1, squeeze=False)
+    for ax, (label, pic) in zip(axes[:, 0], rows):
+        teacher, student = (torch.nan_to_num(torch.tensor(pic[k])) for k in ("teacher", "student"))
+        grid = image_grid(student, pair_with=teacher, ncol=2 * len(student))
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(label, fontsize=8, loc="left")
+        ax.set_axis_off()
+    fig.suptitle("teacher (left of each pair) and student from the same noise", fontsize=9)
+    fig.tight_layout()
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
 def plot_digits(results: dict, path: str | os.PathLike) -> Path:
     """Delta E per digits teacher (convergence levels, memorising) and student init."""
     rows, brackets = [], []
