@@ -19,7 +19,7 @@ The command ``dmdcopy delta-e``, the training callback and the experiments all g
   ``"teacher"`` (pairs), ``"student"`` (samples), the metric's (``"features"``, ``"cost"``,
   ``"assignment"``, ``"bound"``, ``"bootstrap"``) and ``"transport"``.
 
-(About 530 lines, most of them docstrings: the records, the two steps and the one call are the
+(About 540 lines, most of them docstrings: the records, the two steps and the one call are the
 path every measurement takes, kept in one place on purpose.)
 """
 

@@ -21,7 +21,7 @@ step's JSONL record (written by rank 0). A callback may read ``distiller.student
 ``distiller.config``; it runs outside any autograd context the loop sets, so it should wrap its own
 sampling in ``torch.no_grad()``.
 
-(About 560 lines, a third of them the callback protocol's and the constructor's docstrings: the
+(About 600 lines, a third of them the callback protocol's and the constructor's docstrings: the
 trainer loop and its run-safety steps read top to bottom in one place.)
 """
 

@@ -3,6 +3,9 @@
 matplotlib is imported only when a figure is drawn, through the object API (``Figure`` with the
 Agg canvas), so no global pyplot state or display backend is touched. Without matplotlib the
 figure functions raise :class:`~dmdcopy.errors.ConfigError` saying what to install.
+
+(About 500 lines: one table and one figure per experiment, kept together so that the three
+experiments' outputs read alike; none of them is used anywhere else.)
 """
 
 from __future__ import annotations
