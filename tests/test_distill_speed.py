@@ -54,7 +54,8 @@ def test_new_options_are_validated_and_sorted_into_resumable_or_not():
                       (dict(sharding="zero"), "sharding must be one of"),
                       (dict(channels_last=1), "channels_last must be true or false"),
                       (dict(fused_optimizer="yes"), "fused_optimizer must be true or false"),
-                      (dict(autocast_on_cpu=None), "autocast_on_cpu must be true or false")]:
+                      (dict(autocast_on_cpu=None), "autocast_on_cpu must be true or false"),
+                      (dict(channels_last=True, sharding="fsdp"), "channels_last must be false with")]:
         with pytest.raises(ConfigError, match=match):
             DistillConfig(**kw)
     # layout and kernel choices may change on resume; a different teacher precision or sharding may not

@@ -218,6 +218,9 @@ class DistillConfig:
         need(self.teacher_dtype is None or self.teacher_dtype in TEACHER_DTYPES, "teacher_dtype",
              f"None or one of {TEACHER_DTYPES}")
         need(self.sharding in SHARDINGS, "sharding", f"one of {SHARDINGS}")
+        if self.channels_last and self.sharding == "fsdp":
+            raise ConfigError("channels_last must be false with sharding='fsdp' (torch's FSDP2 "
+                              "refuses non-contiguous parameters: NotImplementedError)")
 
     def replace(self, **changes: Any) -> DistillConfig:
         """A copy with some fields changed (validated again)."""
