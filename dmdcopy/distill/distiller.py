@@ -225,7 +225,8 @@ class Distiller:
                 speed.to_channels_last(module)
         self._teacher_call = self.teacher
         if cfg.teacher_dtype is not None:
-            self._teacher_call = speed.LowPrecisionTeacher(self.teacher, getattr(torch, cfg.teacher_dtype))
+            self._teacher_call = speed.LowPrecisionTeacher(self.teacher, getattr(torch, cfg.teacher_dtype),
+                                                           inference_mode=cfg.sharding != "fsdp")
             probe = (self.sample_shape, self.label_dim, self.device, self.dtype, self._autocast)
             checks.probe_denoiser(self._teacher_call, f"teacher (in {cfg.teacher_dtype})", *probe)
 

@@ -30,18 +30,21 @@ class LowPrecisionTeacher:
     ``T(x, sigma, **cond)`` returns the teacher's output in ``x.dtype``: the inputs reach the
     module as given (a dmdcopy :class:`~dmdcopy.precond.Precond` casts them to its network's
     dtype; under autocast any network does) and the output is cast back. Not an ``nn.Module``, so
-    nothing registers it twice; ``.module`` is the teacher.
+    nothing registers it twice; ``.module`` is the teacher. ``inference_mode=False`` calls it
+    under ``torch.no_grad`` instead: an FSDP2-sharded teacher cannot gather its weights in inference
+    mode (torch 2.13: "Inference tensors do not track version counter").
     """
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, module: nn.Module, dtype: torch.dtype, *, inference_mode: bool = True) -> None:
         if not any(p.is_floating_point() for p in module.parameters()):
             raise ConfigError(f"teacher_dtype: the teacher ({type(module).__name__}) has no floating "
                               "parameters to hold in another dtype (an exact teacher); leave it None")
         self.module = module.to(dtype)
         self.dtype = dtype
+        self.inference_mode = bool(inference_mode)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode() if self.inference_mode else torch.no_grad():
             out = self.module(x, sigma, **cond)
         # outside inference mode: a new tensor autograd may use (out itself is an inference tensor)
         return out.to(x.dtype, copy=True)
