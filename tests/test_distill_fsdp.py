@@ -110,3 +110,32 @@ def test_fsdp_two_processes_match_one_resume_bit_for_bit_and_export(tmp_path):
 def test_fsdp_without_a_process_group_is_a_config_error():
     with pytest.raises(ConfigError, match=r"sharding=.fsdp. needs torch\.distributed"):
         _setup(sharding="fsdp")
+
+
+def test_cli_under_torchrun_with_fsdp_exports_files_delta_e_reads(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("no torchrun")
+    toml = (root / "examples" / "configs" / "gmm2d.toml").read_text()
+    toml = (toml.replace('out_dir = "runs/gmm2d"', f'out_dir = "{tmp_path / "out"}"')
+            .replace("num_steps = 600", "num_steps = 2").replace("hidden = 128", "hidden = 16")
+            .replace("checkpoint_every = 200",
+                     'checkpoint_every = 200\nsharding = "fsdp"\nprogress_bar = false'))
+    (tmp_path / "run.toml").write_text(toml)
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "dmdcopy", "distill",
+                           str(tmp_path / "run.toml")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from dmdcopy.io import load
+    from dmdcopy.teachers import GaussianMixtureTeacher
+
+    # the exact teacher was not sharded, so it saves as its own class (not FSDP's subclass)
+    assert isinstance(load(tmp_path / "out" / "teacher.safetensors"), GaussianMixtureTeacher)
+    ema = load(tmp_path / "out" / "student_ema.safetensors")
+    assert type(ema).__name__ == "OneStepStudent" and ema(torch.randn(3, 2)).shape == (3, 2)

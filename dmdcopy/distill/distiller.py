@@ -240,7 +240,9 @@ class Distiller:
         """FSDP2: rank 0's weights everywhere, an EMA copy, then every network sharded
         (:mod:`dmdcopy.distill.fsdp`). The architectures are kept on the meta device for export."""
         modules = [m for m in (self.student, self.fake_score, self.discriminator) if m is not None]
-        if isinstance(self.teacher, nn.Module):
+        if isinstance(self.teacher, nn.Module) and fsdp.fsdp_units(self.teacher):
+            # a block network (UNet) is sharded; an exact or MLP teacher stays whole (and keeps its
+            # class, which FSDP would swap, so that it saves as itself)
             modules.append(self.teacher)
         for m in modules:
             fsdp.broadcast_from_rank0(m)
