@@ -17,7 +17,8 @@ still leaves its figures. Items:
    autocast): steps/s of the plain reference loop of ``benchmarks/distill_step.py`` with the same
    levers and of the Distiller (alternating rounds), their ratio, generator samples/s, peak memory
    and the model FLOP utilisation (FLOPs of one baseline step from ``torch.utils.flop_counter``).
-   Lever sets: baseline, all, all but compile, each lever alone, a larger batch.
+   Lever sets: baseline, all, all but compile, each lever alone, a larger batch, cudnn.benchmark,
+   and all with ``compile_mode="reduce-overhead"`` (CUDA graphs).
 3. ``fsdp_vs_ddp``: the Distiller with ``sharding="fsdp"`` on a one-process group against the same
    run without sharding (what DDP is on one GPU).
 4. ``profile``: ``benchmarks/profile_step.py``'s summary of baseline and all-but-compile steps and
@@ -158,6 +159,7 @@ def config(levers: dict, batch: int, **kw) -> DistillConfig:
     return DistillConfig(batch_size=batch, num_steps=10**9, progress_bar=False, log_every=10**8,
                          ema_halflife_steps=100.0, channels_last=bool(levers.get("channels_last")),
                          fused_optimizer=bool(levers.get("fused")), compile=bool(levers.get("compile")),
+                         compile_mode=levers.get("compile_mode"),
                          teacher_dtype="bfloat16" if levers.get("teacher_bf16") else None,
                          sharding=levers.get("sharding", "ddp"), **kw)
 
@@ -177,8 +179,9 @@ class LeverLoop(ReferenceLoop):
         self.teacher_bf16 = bool(levers.get("teacher_bf16"))
         if self.teacher_bf16:
             teacher.to(torch.bfloat16)
-        self.G_call = torch.compile(student) if levers.get("compile") else student
-        self.F_call = torch.compile(fake) if levers.get("compile") else fake
+        compiled = functools.partial(torch.compile, mode=levers.get("compile_mode"))
+        self.G_call = compiled(student) if levers.get("compile") else student
+        self.F_call = compiled(fake) if levers.get("compile") else fake
 
     def _teacher(self, x, sigma, c):
         if not self.teacher_bf16:
@@ -613,6 +616,9 @@ def main(argv=None) -> int:
              needs_s=25)
     run.item("adm/all_but_compile+cudnn_benchmark",
              lambda: adm(run, NO_COMPILE, cudnn_benchmark=True), needs_s=25)
+    # CUDA graphs through torch.compile's "reduce-overhead" mode (last: the least certain to work)
+    run.item("adm/all_reduce_overhead", lambda: adm(run, {**ALL, "compile_mode": "reduce-overhead"}),
+             needs_s=90)
     text = summary(run)
     print(text)
     Path(args.out).with_suffix(".txt").write_text(text + "\n")

@@ -55,11 +55,13 @@ def test_new_options_are_validated_and_sorted_into_resumable_or_not():
                       (dict(channels_last=1), "channels_last must be true or false"),
                       (dict(fused_optimizer="yes"), "fused_optimizer must be true or false"),
                       (dict(autocast_on_cpu=None), "autocast_on_cpu must be true or false"),
-                      (dict(channels_last=True, sharding="fsdp"), "channels_last must be false with")]:
+                      (dict(channels_last=True, sharding="fsdp"), "channels_last must be false with"),
+                      (dict(compile_mode="reduce-overhead"), "compile_mode must be None, or one of"),
+                      (dict(compile=True, compile_mode="fast"), "compile_mode must be None, or one of")]:
         with pytest.raises(ConfigError, match=match):
             DistillConfig(**kw)
     # layout and kernel choices may change on resume; a different teacher precision or sharding may not
-    assert {"channels_last", "fused_optimizer", "compile"} <= RESUMABLE_CHANGES
+    assert {"channels_last", "fused_optimizer", "compile", "compile_mode"} <= RESUMABLE_CHANGES
     assert not {"teacher_dtype", "sharding", "autocast_on_cpu", "mixed_precision"} & RESUMABLE_CHANGES
 
 
@@ -113,7 +115,7 @@ def test_compile_of_student_and_fake_score_does_not_recompile_across_steps(monke
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()
     counters.clear()
-    d = _distiller(compile=True)
+    d = _distiller(compile=True, compile_mode="max-autotune-no-cudagraphs")  # (aot_eager ignores the mode)
     _curve(d, steps=1)  # compiles the student's and the fake score's training calls
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 2

@@ -21,7 +21,8 @@ def test_gpu_checks_smoke_runs_every_item_on_cpu(tmp_path):
     results = report["results"]
     expected = {"correctness", "adm/baseline", "adm/all", "adm/all_but_compile", "teacher_ode", "delta_e",
                 "adm/sdpa", "adm/channels_last", "adm/fused", "adm/teacher_bf16", "fsdp_vs_ddp", "profile",
-                "adm/compile", "adm/all_but_compile_batch80", "adm/all_but_compile+cudnn_benchmark"}
+                "adm/compile", "adm/all_but_compile_batch80", "adm/all_but_compile+cudnn_benchmark",
+                "adm/all_reduce_overhead"}
     assert expected <= set(results)
     for name in expected:
         assert "error" not in results[name] and "skipped" not in results[name], (name, results[name])

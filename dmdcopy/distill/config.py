@@ -16,7 +16,7 @@ from typing import Any
 
 from dmdcopy.errors import ConfigError
 
-__all__ = ["PRESETS", "REGRESSION_LOSSES", "SHARDINGS", "TEACHER_DTYPES", "DistillConfig"]
+__all__ = ["COMPILE_MODES", "PRESETS", "REGRESSION_LOSSES", "SHARDINGS", "TEACHER_DTYPES", "DistillConfig"]
 
 # The regression losses a config may name; the distiller maps the name to a function.
 REGRESSION_LOSSES = ("l2", "pseudo_huber")
@@ -24,6 +24,8 @@ REGRESSION_LOSSES = ("l2", "pseudo_huber")
 # networks over processes (``sharding``).
 TEACHER_DTYPES = ("bfloat16", "float16")
 SHARDINGS = ("ddp", "fsdp")
+# torch.compile's modes (``compile_mode``); "reduce-overhead" captures CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Upper bounds on sizes, checked before anything is allocated (a batch or grid past these is a typo,
 # not a run): integers fit an int64; a global batch fits an int32 index; the sigma grid is small.
@@ -57,7 +59,7 @@ _WARN_FROM_STEPS = 100
 # Fields that may change between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = frozenset({
     "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "progress_bar", "tensorboard",
-    "max_nonfinite_in_a_row", "compile", "channels_last", "fused_optimizer",
+    "max_nonfinite_in_a_row", "compile", "compile_mode", "channels_last", "fused_optimizer",
 })
 
 
@@ -119,6 +121,7 @@ class DistillConfig:
     mixed_precision: bool = True      # bf16 autocast on CUDA; no effect on CPU unless autocast_on_cpu
     autocast_on_cpu: bool = False     # with mixed_precision, bf16 autocast on CPU too (numerics checks)
     compile: bool = False             # torch.compile the student and fake-score calls
+    compile_mode: str | None = None   # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
 
     # --- speed levers (docs/performance.md measures each) -----------------------------------
     channels_last: bool = False       # student, fake score and teacher in channels_last memory format
@@ -218,6 +221,8 @@ class DistillConfig:
         need(self.teacher_dtype is None or self.teacher_dtype in TEACHER_DTYPES, "teacher_dtype",
              f"None or one of {TEACHER_DTYPES}")
         need(self.sharding in SHARDINGS, "sharding", f"one of {SHARDINGS}")
+        need(self.compile_mode is None or (self.compile_mode in COMPILE_MODES and self.compile),
+             "compile_mode", f"None, or one of {COMPILE_MODES} with compile=true")
         if self.channels_last and self.sharding == "fsdp":
             raise ConfigError("channels_last must be false with sharding='fsdp' (torch's FSDP2 "
                               "refuses non-contiguous parameters: NotImplementedError)")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import signal
@@ -192,10 +193,11 @@ class Distiller:
         fake_ddp = self.fake_score if sharded else wrap_ddp(self.fake_score, self.device)
         disc_ddp = (self.discriminator if sharded else wrap_ddp(self.discriminator, self.device)
                     ) if self.discriminator else None
+        compiled = functools.partial(torch.compile, mode=cfg.compile_mode)
         self.nets = method.Networks(
             teacher=self._teacher_call, student=self.student,
-            student_call=torch.compile(student_ddp) if cfg.compile else student_ddp,
-            fake_score=self.fake_score, fake_score_call=torch.compile(fake_ddp) if cfg.compile else fake_ddp,
+            student_call=compiled(student_ddp) if cfg.compile else student_ddp,
+            fake_score=self.fake_score, fake_score_call=compiled(fake_ddp) if cfg.compile else fake_ddp,
             discriminator=self.discriminator, discriminator_call=disc_ddp, hook=self._hook)
         if not sharded:  # after DDP's broadcast of rank 0's weights
             halflife = cfg.ema_halflife_steps
