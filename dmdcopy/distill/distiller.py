@@ -21,8 +21,9 @@ step's JSONL record (written by rank 0). A callback may read ``distiller.student
 ``distiller.config``; it runs outside any autograd context the loop sets, so it should wrap its own
 sampling in ``torch.no_grad()``.
 
-(About 600 lines, a third of them the callback protocol's and the constructor's docstrings: the
-trainer loop and its run-safety steps read top to bottom in one place.)
+(About 690 lines, a third of them the callback protocol's and the constructor's docstrings: the
+trainer loop and its run-safety steps read top to bottom in one place; the speed options live in
+:mod:`~dmdcopy.distill.speed` and :mod:`~dmdcopy.distill.fsdp`.)
 """
 
 from __future__ import annotations
@@ -128,8 +129,9 @@ class Distiller:
     (fake score and teacher must then accept float64 inputs; the test calls say so if not).
 
     Under ``torch.distributed`` (e.g. ``torchrun``), student, fake score and discriminator are
-    wrapped in DistributedDataParallel, each process draws its slice of the global batch, metrics
-    are averaged and only rank 0 writes files.
+    wrapped in DistributedDataParallel (or, with ``config.sharding="fsdp"``, sharded with FSDP2
+    together with the EMA copy and a UNet teacher), each process draws its slice of the global
+    batch, metrics are averaged and only rank 0 writes files.
     """
 
     def __init__(
