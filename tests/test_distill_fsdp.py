@@ -76,6 +76,7 @@ def _worker(rank, world_size, init_file, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes, three runs each (~17 s)
 def test_fsdp_two_processes_match_one_resume_bit_for_bit_and_export(tmp_path):
     out = tmp_path / "fsdp"
     out.mkdir()

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~40 s on a loaded 2-core CPU: 17 items, 3 of them compile (aot_eager)
 def test_gpu_checks_smoke_runs_every_item_on_cpu(tmp_path):
     out = tmp_path / "gpu_checks.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
