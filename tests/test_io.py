@@ -404,7 +404,8 @@ def test_dmd2_imagenet64_is_built_in_one_place():
     assert module_spec(cli) == spec
     assert spec["class"] == "EDMPrecond" and spec["kwargs"]["sigma_data"] == 0.5
     assert (spec["kwargs"]["sigma_min"], spec["kwargs"]["sigma_max"]) == (0.0, {"__float__": "inf"})
-    assert spec["children"]["model"] == {"class": "DhariwalUNet", "kwargs": edm_imagenet64_adm(dropout=0.0)}
+    adm = {**edm_imagenet64_adm(dropout=0.0), "attention_impl": "exact"}
+    assert spec["children"]["model"] == {"class": "DhariwalUNet", "kwargs": adm}
 
 
 def test_dmd2_critic_file_prefixes(tmp_path):

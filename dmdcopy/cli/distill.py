@@ -526,8 +526,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"dmdcopy distill: stopped by {e}; resume: dmdcopy distill {args.config} --resume",
                   file=sys.stderr)
         return 128 + e.signum  # 130 for SIGINT, 143 for SIGTERM
+    students = distiller.unsharded_students()  # every process takes part when sharded (FSDP)
     if info.is_main:
-        written = export_students(distiller, out_dir)
+        written = export_students(distiller, out_dir, students)
         # an exact teacher exists only in the config: write it where `dmdcopy delta-e` can read it
         teacher_file = (Path(spec["teacher"]["path"]) if spec["teacher"].get("kind") == "checkpoint"
                         else export_teacher(teacher, out_dir))
@@ -549,18 +550,20 @@ def export_teacher(teacher, out_dir: Path) -> Path:
     return path
 
 
-def export_students(distiller, out_dir: Path) -> list[Path]:
+def export_students(distiller, out_dir: Path, students: dict | None = None) -> list[Path]:
     """Write ``student.safetensors`` (and ``student_ema.safetensors`` when EMA is on) with their
     architecture (:func:`dmdcopy.io.run_checkpoint.export_students`), so ``dmdcopy.load`` /
-    ``dmdcopy delta-e --student`` rebuild them.
+    ``dmdcopy delta-e --student`` rebuild them. ``students``: the modules to write (default the
+    distiller's own; a sharded run passes :meth:`Distiller.unsharded_students`'s copies).
 
     A student of a class dmdcopy cannot describe (a user's own module) is skipped with a note:
     its weights are in the training checkpoints, to load with ``dmdcopy.load(path, into=...)``.
     """
     from dmdcopy.io.run_checkpoint import export_students as export
 
-    written, skipped = export({"student": distiller.student, "student_ema": distiller.ema_student},
-                              out_dir, step=distiller.step)
+    if students is None:
+        students = {"student": distiller.student, "student_ema": distiller.ema_student}
+    written, skipped = export(students, out_dir, step=distiller.step)
     for name, reason in skipped.items():
         print(f"dmdcopy distill: {name} not exported ({reason}); its weights are in the checkpoints",
               file=sys.stderr)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmdcopy.distill import fsdp
 from dmdcopy.distill.config import RESUMABLE_CHANGES, DistillConfig
 from dmdcopy.errors import CheckpointError
 from dmdcopy.io.run_checkpoint import digest, flatten_optimizer, unflatten_optimizer
@@ -60,24 +61,29 @@ class RunState:
             JSON.
         counters: saved in the JSON document.
         device: the run's device; torch's CPU RNG state is saved, and the CUDA one on a GPU.
+        sharded: the networks are FSDP-sharded (:mod:`dmdcopy.distill.fsdp`): saving gathers
+            full tensors (every process must call :meth:`state`), loading scatters them back.
     """
 
     def __init__(self, *, networks: Mapping[str, nn.Module | None],
                  optimizers: Mapping[str, torch.optim.Optimizer], counters: Counters,
-                 device: torch.device) -> None:
+                 device: torch.device, sharded: bool = False) -> None:
         self.networks = {k: m for k, m in networks.items() if m is not None}
         self.optimizers = dict(optimizers)
         self.counters = counters
         self.device = device
+        self.sharded = bool(sharded)
 
     def state(self, **extra: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Flat tensors and a JSON-able document holding every registered object (and ``extra``)."""
         tensors: dict[str, torch.Tensor] = {}
         for name, module in self.networks.items():
-            tensors.update({f"{name}/{k}": v for k, v in module.state_dict().items()})
+            sd = fsdp.full_state(module) if self.sharded else module.state_dict()
+            tensors.update({f"{name}/{k}": v for k, v in sd.items()})
         optim = {}
         for name, opt in self.optimizers.items():
-            t, meta = flatten_optimizer(opt, f"optim/{name}")
+            t, meta = flatten_optimizer(fsdp.full_optimizer_state(opt) if self.sharded else opt,
+                                        f"optim/{name}")
             tensors.update(t)
             optim[name] = meta
         tensors["rng/torch_cpu"] = torch.get_rng_state()
@@ -108,9 +114,11 @@ class RunState:
         """Restore every registered object; nothing is changed if a network does not fit."""
         parts = self.check(tensors, state, source=source)
         for name, module in self.networks.items():
-            load_state_checked(module, parts[name], strict=True, source=f"{source}: {name}")
+            part = fsdp.load_full_state(module, parts[name]) if self.sharded else parts[name]
+            load_state_checked(module, part, strict=True, source=f"{source}: {name}")
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(unflatten_optimizer(tensors, state["optim"][name], f"optim/{name}"))
+            sd = unflatten_optimizer(tensors, state["optim"][name], f"optim/{name}")
+            opt.load_state_dict(fsdp.load_full_optimizer_state(opt, sd) if self.sharded else sd)
         torch.set_rng_state(tensors["rng/torch_cpu"])
         if self.device.type == "cuda" and "rng/cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)

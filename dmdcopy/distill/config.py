@@ -16,10 +16,16 @@ from typing import Any
 
 from dmdcopy.errors import ConfigError
 
-__all__ = ["PRESETS", "REGRESSION_LOSSES", "DistillConfig"]
+__all__ = ["COMPILE_MODES", "PRESETS", "REGRESSION_LOSSES", "SHARDINGS", "TEACHER_DTYPES", "DistillConfig"]
 
 # The regression losses a config may name; the distiller maps the name to a function.
 REGRESSION_LOSSES = ("l2", "pseudo_huber")
+# Dtypes the frozen teacher may be held in (``teacher_dtype``), and the ways to spread the trained
+# networks over processes (``sharding``).
+TEACHER_DTYPES = ("bfloat16", "float16")
+SHARDINGS = ("ddp", "fsdp")
+# torch.compile's modes (``compile_mode``); "reduce-overhead" captures CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Upper bounds on sizes, checked before anything is allocated (a batch or grid past these is a typo,
 # not a run): integers fit an int64; a global batch fits an int32 index; the sigma grid is small.
@@ -53,7 +59,7 @@ _WARN_FROM_STEPS = 100
 # Fields that may change between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = frozenset({
     "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "progress_bar", "tensorboard",
-    "max_nonfinite_in_a_row", "compile",
+    "max_nonfinite_in_a_row", "compile", "compile_mode", "channels_last", "fused_optimizer",
 })
 
 
@@ -112,8 +118,17 @@ class DistillConfig:
     ema_halflife_steps: float | None = 6931.0  # in generator updates (6931 ~ decay 0.9999); None or 0 = off
 
     # --- precision and compilation ----------------------------------------------------------
-    mixed_precision: bool = True      # bf16 autocast on CUDA; no effect on CPU (always float32)
+    mixed_precision: bool = True      # bf16 autocast on CUDA; no effect on CPU unless autocast_on_cpu
+    autocast_on_cpu: bool = False     # with mixed_precision, bf16 autocast on CPU too (numerics checks)
     compile: bool = False             # torch.compile the student and fake-score calls
+    compile_mode: str | None = None   # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
+
+    # --- speed levers (docs/performance.md measures each) -----------------------------------
+    channels_last: bool = False       # student, fake score and teacher in channels_last memory format
+    fused_optimizer: bool = False     # AdamW(fused=True): one kernel per update (CUDA; CPU in torch >= 2.4)
+    teacher_dtype: str | None = None  # "bfloat16" / "float16": the frozen teacher's weights cast to it,
+                                      # called under torch.inference_mode; None = the run's dtype
+    sharding: str = "ddp"             # under torch.distributed: "ddp" (replicate) or "fsdp" (FSDP2)
 
     # --- faults -----------------------------------------------------------------------------
     max_nonfinite_in_a_row: int = 10  # stop with NonFiniteError after this many skipped updates
@@ -167,7 +182,8 @@ class DistillConfig:
         positive_int("num_sigmas", MAX_NUM_SIGMAS)
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_INT,
              "seed", f"an int in [0, {MAX_INT}]")
-        for name in ("gan", "mixed_precision", "compile", "progress_bar", "tensorboard"):
+        for name in ("gan", "mixed_precision", "autocast_on_cpu", "compile", "channels_last",
+                     "fused_optimizer", "progress_bar", "tensorboard"):
             need(isinstance(getattr(self, name), bool), name, "true or false")
         for name in ("generator_lr", "fake_score_lr", "sigma_min", "sigma_data", "rho"):
             finite(name, 0.0, hi=MAX_SCALE)
@@ -202,6 +218,14 @@ class DistillConfig:
             positive_int("regression_batch_size", MAX_BATCH_SIZE)
         if self.ema_halflife_steps is not None:
             finite("ema_halflife_steps", 0.0, strict=False)
+        need(self.teacher_dtype is None or self.teacher_dtype in TEACHER_DTYPES, "teacher_dtype",
+             f"None or one of {TEACHER_DTYPES}")
+        need(self.sharding in SHARDINGS, "sharding", f"one of {SHARDINGS}")
+        need(self.compile_mode is None or (self.compile_mode in COMPILE_MODES and self.compile),
+             "compile_mode", f"None, or one of {COMPILE_MODES} with compile=true")
+        if self.channels_last and self.sharding == "fsdp":
+            raise ConfigError("channels_last must be false with sharding='fsdp' (torch's FSDP2 "
+                              "refuses non-contiguous parameters: NotImplementedError)")
 
     def replace(self, **changes: Any) -> DistillConfig:
         """A copy with some fields changed (validated again)."""

@@ -21,14 +21,16 @@ step's JSONL record (written by rank 0). A callback may read ``distiller.student
 ``distiller.config``; it runs outside any autograd context the loop sets, so it should wrap its own
 sampling in ``torch.no_grad()``.
 
-(About 600 lines, a third of them the callback protocol's and the constructor's docstrings: the
-trainer loop and its run-safety steps read top to bottom in one place.)
+(About 690 lines, a third of them the callback protocol's and the constructor's docstrings: the
+trainer loop and its run-safety steps read top to bottom in one place; the speed options live in
+:mod:`~dmdcopy.distill.speed` and :mod:`~dmdcopy.distill.fsdp`.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import signal
@@ -41,10 +43,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dmdcopy import _rng
 from dmdcopy.contracts import denoise
-from dmdcopy.distill import method, rundir
+from dmdcopy.distill import fsdp, method, rundir, speed
 from dmdcopy.distill import setup as checks
 from dmdcopy.distill.checkpoint import Counters, RunState, check_identity, check_resumable, run_fingerprint
 from dmdcopy.distill.config import DistillConfig
@@ -126,8 +129,9 @@ class Distiller:
     (fake score and teacher must then accept float64 inputs; the test calls say so if not).
 
     Under ``torch.distributed`` (e.g. ``torchrun``), student, fake score and discriminator are
-    wrapped in DistributedDataParallel, each process draws its slice of the global batch, metrics
-    are averaged and only rank 0 writes files.
+    wrapped in DistributedDataParallel (or, with ``config.sharding="fsdp"``, sharded with FSDP2
+    together with the EMA copy and a UNet teacher), each process draws its slice of the global
+    batch, metrics are averaged and only rank 0 writes files.
     """
 
     def __init__(
@@ -178,27 +182,28 @@ class Distiller:
         # Every check passed: only now is the teacher frozen.
         if isinstance(self.teacher, nn.Module):
             self.teacher.eval().requires_grad_(False)
+        self._levers()
 
-        # --- optimisers (built on the unwrapped modules; DDP shares the parameters) -----------
-        opt_kw = dict(betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.generator_optimizer = torch.optim.AdamW(
-            [p for p in self.student.parameters() if p.requires_grad], lr=cfg.generator_lr, **opt_kw)
-        fake_params = [p for p in self.fake_score.parameters() if p.requires_grad]
-        if self.discriminator is not None:
-            fake_params += [p for p in self.discriminator.parameters() if p.requires_grad]
-        self.fake_score_optimizer = torch.optim.AdamW(fake_params, lr=cfg.fake_score_lr, **opt_kw)
-
-        # --- DDP, compile, EMA (EMA after DDP's broadcast of rank 0's weights) ------------------
-        student_ddp = wrap_ddp(self.student, self.device)
-        fake_ddp = wrap_ddp(self.fake_score, self.device)
-        disc_ddp = wrap_ddp(self.discriminator, self.device) if self.discriminator else None
+        # --- optimisers, then DDP / FSDP, compile, EMA ---------------------------------------------
+        sharded = cfg.sharding == "fsdp"
+        if sharded:  # shard first: the optimisers hold the shards; the EMA is a sharded copy
+            self._shard()
+        self.generator_optimizer = self._adamw(cfg.generator_lr, self.student)
+        self.fake_score_optimizer = self._adamw(cfg.fake_score_lr, self.fake_score, self.discriminator)
+        # (optimisers built on the unwrapped modules; DDP shares the parameters)
+        student_ddp = self.student if sharded else wrap_ddp(self.student, self.device)
+        fake_ddp = self.fake_score if sharded else wrap_ddp(self.fake_score, self.device)
+        disc_ddp = (self.discriminator if sharded else wrap_ddp(self.discriminator, self.device)
+                    ) if self.discriminator else None
+        compiled = functools.partial(torch.compile, mode=cfg.compile_mode)
         self.nets = method.Networks(
-            teacher=self.teacher, student=self.student,
-            student_call=torch.compile(student_ddp) if cfg.compile else student_ddp,
-            fake_score=self.fake_score, fake_score_call=torch.compile(fake_ddp) if cfg.compile else fake_ddp,
+            teacher=self._teacher_call, student=self.student,
+            student_call=compiled(student_ddp) if cfg.compile else student_ddp,
+            fake_score=self.fake_score, fake_score_call=compiled(fake_ddp) if cfg.compile else fake_ddp,
             discriminator=self.discriminator, discriminator_call=disc_ddp, hook=self._hook)
-        halflife = cfg.ema_halflife_steps
-        self._ema = EMA(self.student, halflife) if halflife else None
+        if not sharded:  # after DDP's broadcast of rank 0's weights
+            halflife = cfg.ema_halflife_steps
+            self._ema = EMA(self.student, halflife) if halflife else None
 
         self.grid = dmd_sigma_grid(cfg.num_sigmas, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                                    device=self.device, dtype=torch.float64)
@@ -208,7 +213,50 @@ class Distiller:
             networks={"student": self.student, "ema": self.ema_student, "fake_score": self.fake_score,
                       "discriminator": self.discriminator},
             optimizers={"generator": self.generator_optimizer, "fake_score": self.fake_score_optimizer},
-            counters=self.counters, device=self.device)
+            counters=self.counters, device=self.device, sharded=sharded)
+        # Whether the loop saves checkpoints: where rank 0 has an out_dir. A sharded run gathers the
+        # state on every process, so all of them learn rank 0's choice (the others write nothing).
+        self._checkpointing = self.out_dir is not None
+        if sharded:
+            self._checkpointing = not all_true(not (self.is_main and self.out_dir is not None),
+                                               self.device)
+
+    def _levers(self) -> None:
+        """The speed options of the config that change the networks (docs/performance.md)."""
+        cfg = self.config
+        if cfg.channels_last:
+            for module in (self.student, self.fake_score, self.teacher):
+                speed.to_channels_last(module)
+        self._teacher_call = self.teacher
+        if cfg.teacher_dtype is not None:
+            self._teacher_call = speed.LowPrecisionTeacher(self.teacher, getattr(torch, cfg.teacher_dtype),
+                                                           inference_mode=cfg.sharding != "fsdp")
+            probe = (self.sample_shape, self.label_dim, self.device, self.dtype, self._autocast)
+            checks.probe_denoiser(self._teacher_call, f"teacher (in {cfg.teacher_dtype})", *probe)
+
+    def _adamw(self, lr: float, *modules: nn.Module | None) -> torch.optim.Optimizer:
+        cfg = self.config
+        params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+        return speed.adamw(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                           fused=cfg.fused_optimizer)
+
+    def _shard(self) -> None:
+        """FSDP2: rank 0's weights everywhere, an EMA copy, then every network sharded
+        (:mod:`dmdcopy.distill.fsdp`). The architectures are kept on the meta device for export."""
+        modules = [m for m in (self.student, self.fake_score, self.discriminator) if m is not None]
+        if isinstance(self.teacher, nn.Module) and fsdp.fsdp_units(self.teacher):
+            # a block network (UNet) is sharded; an exact or MLP teacher stays whole (and keeps its
+            # class, which FSDP would swap, so that it saves as itself)
+            modules.append(self.teacher)
+        for m in modules:
+            fsdp.broadcast_from_rank0(m)
+        self._templates = {"student": fsdp.meta_copy(self.student)}
+        halflife = self.config.ema_halflife_steps
+        self._ema = EMA(self.student, halflife) if halflife else None
+        if self._ema is not None:
+            modules.append(self._ema.module)
+        for m in modules:
+            fsdp.shard(m, self.device)
 
     def _build_models(self, teacher, student, fake_score, discriminator, real_data, regression_pairs,
                       class_weights, sample_shape) -> None:
@@ -284,6 +332,27 @@ class Distiller:
         """The EMA copy of the student (eval mode), or ``None`` when EMA is off."""
         return self._ema.module if self._ema is not None else None
 
+    def unsharded_students(self) -> dict[str, nn.Module | None]:
+        """``{"student": G, "student_ema": G_ema or None}`` as plain modules to save or measure.
+
+        Without FSDP these are the run's own modules. With ``sharding="fsdp"`` every process must
+        call (the shards are gathered); rank 0 gets plain CPU copies with the full weights, the
+        others ``None`` for each. ``dmdcopy distill`` exports these for ``dmdcopy delta-e``.
+        """
+        if not fsdp.is_sharded(self.student):
+            return {"student": self.student, "student_ema": self.ema_student}
+        out: dict[str, nn.Module | None] = {}
+        for name, module in (("student", self.student), ("student_ema", self.ema_student)):
+            if module is None:
+                out[name] = None
+                continue
+            state = fsdp.full_state(module)
+            copy_ = fsdp.unsharded_copy(self._templates["student"], state) if self.is_main else None
+            if copy_ is not None and name == "student_ema":
+                copy_.eval().requires_grad_(False)
+            out[name] = copy_
+        return out
+
     def _data(self, data, name: str):
         return checks.check_data(data, name, self.sample_shape, self.label_dim, self.device, self.dtype)
 
@@ -298,9 +367,12 @@ class Distiller:
         return tuple(self._hook.pop().shape[1:])
 
     def _autocast(self):
-        """bfloat16 autocast with ``config.mixed_precision`` on CUDA; no-op otherwise."""
-        if self.config.mixed_precision and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bfloat16 autocast with ``config.mixed_precision`` on CUDA (and on CPU with
+        ``config.autocast_on_cpu``); no-op otherwise."""
+        cfg = self.config
+        if cfg.mixed_precision and (self.device.type == "cuda"
+                                    or (self.device.type == "cpu" and cfg.autocast_on_cpu)):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # --- the two updates ----------------------------------------------------------------------
@@ -372,6 +444,8 @@ class Distiller:
         params = [p for g in opt.param_groups for p in g["params"]]
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if isinstance(norm, DTensor):  # FSDP: the norm over every shard, the same on each process
+            norm = norm.full_tensor()
         flags = [loss.detach().float(), norm.float()]
         if teacher_finite is not None:
             flags.append(teacher_finite.float())
@@ -494,8 +568,8 @@ class Distiller:
                     self.log.write({"step": self.step, **record})
                 bar.update(1)
                 stop = self._stop_requested()
-                if self.out_dir is not None and (self.step % cfg.checkpoint_every == 0
-                                                 or self.step == cfg.num_steps or stop):
+                if self._checkpointing and (self.step % cfg.checkpoint_every == 0
+                                            or self.step == cfg.num_steps or stop):
                     self.save_checkpoint()
                 if stop:
                     self._interrupted()
@@ -540,10 +614,12 @@ class Distiller:
     def save_checkpoint(self) -> Path | None:
         """Write ``out_dir/checkpoint-<step>.safetensors`` (rank 0) and keep this run's newest K
         (checkpoints of another run, or newer than this step, are never deleted)."""
-        if self.out_dir is None:
+        if self.out_dir is None and not (self._checkpointing and not self.is_main):
             raise ConfigError("out_dir: the distiller has no output directory to write checkpoints to")
+        tensors, state = self.state_tensors()  # sharded (FSDP): a collective, every process calls
+        if self.out_dir is None:
+            return None
         path = self.out_dir / ckpt.checkpoint_name(self.step)
-        tensors, state = self.state_tensors()
         if self.is_main:
             ckpt.write_checkpoint(path, tensors, state)
             ckpt.prune_checkpoints(self.out_dir, self.config.keep_checkpoints, run_id=self.run_id,

@@ -209,9 +209,11 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int, *, run_id: str | 
 # --- optimiser state <-> flat tensors + JSON --------------------------------------------------
 
 
-def flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split ``opt.state_dict()`` into tensors named ``{prefix}/{param}/{key}`` and a JSON part."""
-    sd = opt.state_dict()
+def flatten_optimizer(opt: torch.optim.Optimizer | Mapping[str, Any], prefix: str
+                      ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``opt.state_dict()`` (or such a dict itself) into tensors named
+    ``{prefix}/{param}/{key}`` and a JSON part."""
+    sd = opt.state_dict() if isinstance(opt, torch.optim.Optimizer) else opt
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, st in sd["state"].items():

@@ -6,7 +6,11 @@ Parameter and buffer names follow EDM's ``training/networks.py`` (``weight``, ``
 
 Every layer casts its parameters to the dtype of its input, so a float32 network runs in
 float16/bfloat16 when its input is (this is how ``net_dtype=`` of :mod:`dmdcopy.precond`, EDM's
-``use_fp16``, works); attention logits and the softmax are always computed in float32.
+``use_fp16``, works). Attention has two implementations (``attention_impl``): ``"exact"`` (the
+default, EDM's: logits and softmax in float32 from an einsum, bit for bit EDM's outputs) and
+``"sdpa"`` (:func:`torch.nn.functional.scaled_dot_product_attention`: fused kernels that never hold
+the ``(B heads, HW, HW)`` logits; in float32 it agrees with ``"exact"`` to rounding, in
+bfloat16 it computes the softmax from bfloat16 inputs; docs/networks.md gives the difference).
 """
 
 from __future__ import annotations
@@ -23,16 +27,26 @@ from dmdcopy.errors import ConfigError
 from dmdcopy.nets.mlp import FourierEmbedding
 
 __all__ = [
+    "ATTENTION_IMPLS",
     "Conv2d",
     "FourierEmbedding",
     "GroupNorm",
     "Linear",
     "PositionalEmbedding",
     "UNetBlock",
+    "check_attention_impl",
     "weight_init",
 ]
 
 _INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
+ATTENTION_IMPLS = ("exact", "sdpa")
+
+
+def check_attention_impl(name: str, value: str) -> str:
+    """``value`` if it names an attention implementation (:data:`ATTENTION_IMPLS`), else ConfigError."""
+    if value not in ATTENTION_IMPLS:
+        raise ConfigError(f"{name}: attention_impl must be one of {ATTENTION_IMPLS}, got {value!r}")
+    return value
 
 
 def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
@@ -209,6 +223,8 @@ class UNetBlock(nn.Module):
         resample_proj: give the skip path a 1x1 convolution even when channels are unchanged.
         init, init_zero, init_attn: keyword arguments of the layers' initialisation
             (``init_zero`` for ``conv1`` and ``proj``, ``init_attn`` for ``qkv``).
+        attention_impl: ``"exact"`` (EDM's float32 einsum) or ``"sdpa"`` (fused
+            ``scaled_dot_product_attention``); see the module docstring.
     """
 
     def __init__(
@@ -230,8 +246,10 @@ class UNetBlock(nn.Module):
         init: dict | None = None,
         init_zero: dict | None = None,
         init_attn: dict | None = None,
+        attention_impl: str = "exact",
     ) -> None:
         super().__init__()
+        self.attention_impl = check_attention_impl("UNetBlock", attention_impl)
         init = init or {}
         init_zero = init_zero if init_zero is not None else dict(init_weight=0)
         self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
@@ -283,6 +301,11 @@ class UNetBlock(nn.Module):
         EDM's ``qkv`` layout: output channel ``3 * c + i`` of head ``n`` (``C / heads`` channels per
         head, ``i`` = 0, 1, 2 for q, k, v) sits at ``n * 3 C / heads + 3 * c + i``.
         """
+        if self.attention_impl == "sdpa":
+            q, k, v = rearrange(self.qkv(x), "b (heads c three) h w -> three b heads (h w) c",
+                                heads=self.num_heads, three=3)  # each (B, heads, HW, C / heads)
+            out = nn.functional.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C / heads)
+            return rearrange(out, "b heads (h w) c -> b (heads c) h w", h=x.shape[2])
         qkv = rearrange(self.qkv(x), "b (heads c three) h w -> (b heads) c three (h w)",
                         heads=self.num_heads, three=3)
         q, k, v = qkv.unbind(2)  # each (B * heads, C / heads, H * W)

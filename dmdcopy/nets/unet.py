@@ -38,9 +38,17 @@ from torch.utils.checkpoint import checkpoint
 
 from dmdcopy._record import records_init_kwargs
 from dmdcopy.errors import ConfigError, ShapeError
-from dmdcopy.nets.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from dmdcopy.nets.layers import (
+    Conv2d,
+    FourierEmbedding,
+    GroupNorm,
+    Linear,
+    PositionalEmbedding,
+    UNetBlock,
+    check_attention_impl,
+)
 
-__all__ = ["DhariwalUNet", "SongUNet"]
+__all__ = ["DhariwalUNet", "SongUNet", "set_attention_impl"]
 
 
 def _check_options(name: str, channel_mult: Sequence[int], **positive: int) -> None:
@@ -153,6 +161,9 @@ class SongUNet(_UNetBase):
         decoder_type: ``"standard"`` or ``"skip"``.
         resample_filter: FIR taps of the resampling filter, ``[1, 1]`` (DDPM++) or
             ``[1, 3, 3, 1]`` (NCSN++).
+        attention_impl: dmdcopy's option, not EDM's: ``"exact"`` (EDM's float32 einsum, bit for
+            bit EDM's outputs) or ``"sdpa"`` (``scaled_dot_product_attention``, faster on GPUs; see
+            :mod:`dmdcopy.nets.layers`). It changes no parameter, so weights load either way.
     """
 
     def __init__(
@@ -174,7 +185,9 @@ class SongUNet(_UNetBase):
         encoder_type: str = "standard",
         decoder_type: str = "standard",
         resample_filter: Sequence[float] = (1, 1),
+        attention_impl: str = "exact",
     ) -> None:
+        check_attention_impl("SongUNet", attention_impl)
         for field, value, allowed in (
             ("embedding_type", embedding_type, ("fourier", "positional")),
             ("encoder_type", encoder_type, ("standard", "skip", "residual")),
@@ -203,7 +216,7 @@ class SongUNet(_UNetBase):
         block = dict(
             emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
             eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-            init=init, init_zero=init_zero, init_attn=init_attn,
+            init=init, init_zero=init_zero, init_attn=init_attn, attention_impl=attention_impl,
         )
 
         # Mapping: noise (+ label, + augmentation) embedding -> two-layer MLP.
@@ -338,7 +351,8 @@ class DhariwalUNet(_UNetBase):
     Args (EDM's names and defaults): ``img_resolution``, ``in_channels``, ``out_channels``,
     ``label_dim``, ``augment_dim``, ``model_channels`` (192), ``channel_mult`` ([1, 2, 3, 4]),
     ``channel_mult_emb`` (4), ``num_blocks`` (3), ``attn_resolutions`` ([32, 16, 8]),
-    ``dropout`` (0.1), ``label_dropout`` (0), with the meanings of :class:`SongUNet`.
+    ``dropout`` (0.1), ``label_dropout`` (0), with the meanings of :class:`SongUNet`, and
+    dmdcopy's ``attention_impl`` (``"exact"`` or ``"sdpa"``, as :class:`SongUNet`).
     """
 
     def __init__(
@@ -355,7 +369,9 @@ class DhariwalUNet(_UNetBase):
         attn_resolutions: Sequence[int] = (32, 16, 8),
         dropout: float = 0.10,
         label_dropout: float = 0.0,
+        attention_impl: str = "exact",
     ) -> None:
+        check_attention_impl("DhariwalUNet", attention_impl)
         _check_options(
             "DhariwalUNet", channel_mult, img_resolution=img_resolution,
             in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
@@ -374,7 +390,7 @@ class DhariwalUNet(_UNetBase):
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
         block = dict(
             emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init,
-            init_zero=init_zero,
+            init_zero=init_zero, attention_impl=attention_impl,
         )
 
         # Mapping: positional noise embedding (+ augmentation) -> MLP; the label enters after it.
@@ -462,3 +478,18 @@ class DhariwalUNet(_UNetBase):
                 x = torch.cat([x, skips.pop()], dim=1)
             x = self._block(layer, x, emb)
         return self.out_conv(silu(self.out_norm(x)))
+
+
+def set_attention_impl(net: nn.Module, impl: str) -> nn.Module:
+    """Switch every attention block of ``net`` (a SongUNet / DhariwalUNet, or any module holding
+    them, e.g. an ``EDMPrecond`` or a student) to ``impl`` (``"exact"`` or ``"sdpa"``) in place,
+    keeping the recorded ``init_kwargs`` in step so a saved file rebuilds the same choice. Returns
+    ``net``. Parameters are untouched: the switch is for networks built or loaded with the other one.
+    """
+    check_attention_impl("set_attention_impl", impl)
+    for m in net.modules():
+        if isinstance(m, UNetBlock):
+            m.attention_impl = impl
+        elif isinstance(m, (SongUNet, DhariwalUNet)):
+            m.init_kwargs["attention_impl"] = impl
+    return net
