@@ -5,7 +5,7 @@ Linear one-step students ``G(z) = A z`` of a power-law Gaussian teacher, DMD2's 
 the closed-form *population* Delta E (no finite-N bias; see docs/linear_model.md), recorded along
 training, for several seeds; the table gives the mean over seeds and the range.
 
-    python examples/linear_lr_length.py --threads 1 --out linear_lr_length.json   # about 10 minutes
+    python examples/linear_lr_length.py --threads 1 --out linear_lr_length.json   # about 4 minutes
 
 ``--dims``, ``--lrs``, ``--seeds``, ``--steps`` and ``--record`` (the steps to report) change the grid.
 """
