@@ -487,3 +487,16 @@ def test_edm2_snapshot_with_unknown_parts_gives_one_clear_error(tmp_path, edm2_m
         load_edm_pickle(tmp_path / "f.pkl", net_dtype=torch.bfloat16)
     assert one_line(err)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_scratch_student_of_an_edm2_teacher_is_a_fresh_seeded_edm2_denoiser():
+    from dmdcopy.experiments.pipeline import make_student
+
+    teacher = tiny().eval().requires_grad_(False)
+    a, b = make_student(teacher, "scratch", seed=3), make_student(teacher, "scratch", seed=3)
+    c = make_student(teacher, "scratch", seed=4)
+    assert type(a.denoiser) is EDM2Precond and a.denoiser.init_kwargs == teacher.init_kwargs
+    pa, pb, pc = ([p.detach().flatten() for p in s.parameters()] for s in (a, b, c))
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert not all(torch.equal(x, y) for x, y in zip(pa, pc))
+    assert all(p.requires_grad for p in a.parameters())

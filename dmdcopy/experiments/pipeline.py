@@ -41,16 +41,24 @@ def make_student(
     """A one-step student for ``teacher``.
 
     Args:
-        teacher: the trained teacher (an :class:`EDMPrecond` around a raw network).
+        teacher: the trained teacher: an :class:`EDMPrecond` around a raw network, or a denoiser
+            that records its own constructor (``init_kwargs``, e.g. ``EDM2Precond``).
         init: ``"teacher_init"`` (deep copy of the teacher, DMD2) or ``"scratch"`` (a new network
-            from ``net_factory`` behind the same preconditioning, initialised with ``seed``).
+            from ``net_factory`` behind the same preconditioning, or a new denoiser of the
+            teacher's class and settings, initialised with ``seed``).
         net_factory: builds the raw network; default: the teacher network's class with its
             ``init_kwargs``.
     """
     if init not in STUDENT_INITS:
         raise ConfigError(f"student init must be one of {STUDENT_INITS}, got {init!r}")
+    param = next(teacher.parameters())
     if init == "teacher_init":
         denoiser = copy.deepcopy(teacher)
+    elif net_factory is None and not isinstance(getattr(teacher, "model", None), nn.Module) \
+            and getattr(teacher, "init_kwargs", None) is not None:
+        # a denoiser that is one recorded network, preconditioning included (e.g. EDM2Precond)
+        denoiser = seeded(seed, lambda: type(teacher)(**teacher.init_kwargs))
+        denoiser = denoiser.to(device=param.device, dtype=param.dtype)
     else:
         if net_factory is None:
             kwargs = getattr(teacher.model, "init_kwargs", None)
@@ -61,7 +69,6 @@ def make_student(
                 return type(teacher.model)(**kwargs)
 
         net = seeded(seed, net_factory)
-        param = next(teacher.parameters())
         net = net.to(device=param.device, dtype=param.dtype)
         denoiser = EDMPrecond(net, sigma_data=getattr(teacher, "sigma_data", 0.5),
                               sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max,
