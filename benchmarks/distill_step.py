@@ -72,6 +72,11 @@ class ReferenceLoop:
         self.gen = torch.Generator(device=device).manual_seed(0)
         self.shape = (cfg.batch_size, *teacher.sample_shape)
         self.label_dim = int(getattr(teacher, "label_dim", 0))
+        # the training calls (a subclass may compile them); updates and clipping use G and F
+        self.G_call, self.F_call = student, fake
+
+    def _teacher(self, x, sigma, c):
+        return self.T(x, sigma, **c)
 
     def _labels(self) -> dict:
         """``class_labels=`` drawn uniformly for a conditional teacher, else nothing."""
@@ -102,18 +107,18 @@ class ReferenceLoop:
             x_t = x + self._view(sigma) * torch.randn(self.shape, generator=self.gen, device=self.device)
             self.opt_f.zero_grad(set_to_none=True)
             with self._autocast():
-                loss = dsm_loss(self.F(x_t, sigma, **c), x, sigma, sigma_data=cfg.sigma_data).mean()
+                loss = dsm_loss(self.F_call(x_t, sigma, **c), x, sigma, sigma_data=cfg.sigma_data).mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.F.parameters(), cfg.grad_clip)
             self.opt_f.step()
         z, c = torch.randn(self.shape, generator=self.gen, device=self.device), self._labels()
         self.opt_g.zero_grad(set_to_none=True)
         with self._autocast():
-            x = self.G(z, **c).float()
+            x = self.G_call(z, **c).float()
         sigma = self._sigma(*cfg.generator_k_range)
         x_t = x.detach() + self._view(sigma) * torch.randn(self.shape, generator=self.gen, device=self.device)
         with torch.no_grad(), self._autocast():
-            g = dmd_direction(x, self.T(x_t, sigma, **c), self.F(x_t, sigma, **c))
+            g = dmd_direction(x, self._teacher(x_t, sigma, c), self.F(x_t, sigma, **c))
         dmd_surrogate_loss(x, g).mean().backward()
         torch.nn.utils.clip_grad_norm_(self.G.parameters(), cfg.grad_clip)
         self.opt_g.step()

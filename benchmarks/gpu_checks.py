@@ -50,10 +50,9 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_step
-from distill_step import _BF16_PEAK_TFLOPS, ReferenceLoop
+from distill_step import _BF16_PEAK_TFLOPS, ReferenceLoop, _rate
 
 from dmdcopy.distill import DistillConfig, Distiller
-from dmdcopy.losses import dmd_direction, dmd_surrogate_loss, dsm_loss
 from dmdcopy.nets import DhariwalUNet, SongUNet, set_attention_impl
 from dmdcopy.precond import EDMPrecond
 from dmdcopy.students import OneStepStudent
@@ -189,44 +188,6 @@ class LeverLoop(ReferenceLoop):
         with torch.inference_mode():
             out = self.T(x, sigma, **c)
         return out.float().clone()
-
-    def step(self) -> None:
-        cfg = self.cfg
-        for _ in range(cfg.fake_score_steps):
-            z, c = torch.randn(self.shape, generator=self.gen, device=self.device), self._labels()
-            with torch.no_grad(), self._autocast():
-                x = self.G(z, **c).float()
-            sigma = self._sigma(*cfg.fake_score_k_range)
-            x_t = x + self._view(sigma) * torch.randn(self.shape, generator=self.gen, device=self.device)
-            self.opt_f.zero_grad(set_to_none=True)
-            with self._autocast():
-                loss = dsm_loss(self.F_call(x_t, sigma, **c), x, sigma, sigma_data=cfg.sigma_data).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.F.parameters(), cfg.grad_clip)
-            self.opt_f.step()
-        z, c = torch.randn(self.shape, generator=self.gen, device=self.device), self._labels()
-        self.opt_g.zero_grad(set_to_none=True)
-        with self._autocast():
-            x = self.G_call(z, **c).float()
-        sigma = self._sigma(*cfg.generator_k_range)
-        x_t = x.detach() + self._view(sigma) * torch.randn(self.shape, generator=self.gen, device=self.device)
-        with torch.no_grad(), self._autocast():
-            g = dmd_direction(x, self._teacher(x_t, sigma, c), self.F(x_t, sigma, **c))
-        dmd_surrogate_loss(x, g).mean().backward()
-        torch.nn.utils.clip_grad_norm_(self.G.parameters(), cfg.grad_clip)
-        self.opt_g.step()
-        with torch.no_grad():
-            for pe, p in zip(self.ema.parameters(), self.G.parameters()):
-                pe.lerp_(p, 1 - self.beta)
-
-
-def _rate(step, n: int, device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    _sync(device)
-    return n / (time.perf_counter() - t0)
 
 
 def _peak_gib(device: torch.device) -> float | None:
