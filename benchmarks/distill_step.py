@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import platform
 import statistics
 import time
 
+import profile_step  # this folder: the one training step a profile and a rate both take
 import torch
 
 from dmdcopy.distill import DistillConfig, Distiller
@@ -185,11 +187,7 @@ def main() -> None:
     ref = ReferenceLoop(teacher, copy.deepcopy(student), copy.deepcopy(fake), cfg, device)
     dist = Distiller(teacher, student, fake_score=fake, config=cfg, device=device)
 
-    def distiller_step():
-        for s in range(cfg.fake_score_steps):
-            dist.fake_score_step(s)
-        dist.generator_step()
-        dist.step += 1
+    distiller_step = functools.partial(profile_step.distiller_step, dist)  # one step, as train() takes it
 
     for fn in (ref.step, distiller_step):  # warm-up
         _rate(fn, 2, device)

@@ -310,10 +310,6 @@ def process_group(device: torch.device):
 # --- 2. the ImageNet-64 step ----------------------------------------------------------------------
 
 
-def _distiller_step(d) -> None:
-    profile_step.distiller_step(d)
-
-
 def adm(run: Run, levers: dict, *, batch: int | None = None, reference: bool = True,
         count_flops: bool = False, cudnn_benchmark: bool = False) -> dict:
     args, device = run.args, run.device
@@ -328,7 +324,7 @@ def adm(run: Run, levers: dict, *, batch: int | None = None, reference: bool = T
         if reference:
             ref = LeverLoop(teacher, copy.deepcopy(student), copy.deepcopy(fake), cfg, device, levers)
         dist = Distiller(teacher, student, fake_score=fake, config=cfg, device=device)
-        step = functools.partial(_distiller_step, dist)
+        step = functools.partial(profile_step.distiller_step, dist)
         t = time.perf_counter()
         for fn in ([ref.step] if ref else []) + [step]:  # warm-up (compiles when compile is on)
             _rate(fn, args.warmup, device)
@@ -383,7 +379,7 @@ def fsdp_vs_ddp(run: Run) -> dict:
             t, s, f = build(kind, device, "sdpa")
             rates[sharding] = Distiller(t, s, fake_score=f, config=config({**levers, "sharding": sharding},
                                                                               args.batch), device=device)
-        steps = {k: functools.partial(_distiller_step, d) for k, d in rates.items()}
+        steps = {k: functools.partial(profile_step.distiller_step, d) for k, d in rates.items()}
         for fn in steps.values():
             _rate(fn, args.warmup, device)
         got = {k: [] for k in steps}
@@ -406,7 +402,7 @@ def profile(run: Run) -> dict:
         d = Distiller(t, s, fake_score=f, config=config(levers, args.batch), device=device)
         r = profile_step.profile_distiller(d, steps=1, warmup=1)
         r["sync_warnings_in_one_step"] = profile_step.count_sync_warnings(
-            functools.partial(_distiller_step, d), device)
+            functools.partial(profile_step.distiller_step, d), device)
         out[name] = r
         del d, t, s, f
         _free(device)
