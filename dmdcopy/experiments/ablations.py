@@ -60,7 +60,7 @@ from dmdcopy.experiments.pipeline import (
     make_student,
 )
 from dmdcopy.experiments.report import machine_info
-from dmdcopy.experiments.resume import ResultsFile, seed_section
+from dmdcopy.experiments.resume import ResultsFile, seed_section, seeds_document
 from dmdcopy.experiments.teacher_cache import cached_teacher
 from dmdcopy.experiments.teacher_training import TeacherConfig, train_teacher
 from dmdcopy.measure import measure_student
@@ -243,11 +243,7 @@ def run_ablations(
     sections: dict[int, dict] = {}
 
     def document() -> dict:
-        doc = dict(head)
-        if seeds[0] in sections:
-            doc.update(sections[seeds[0]])
-        doc["more_seeds"] = {str(s): sections[s] for s in seeds[1:] if s in sections}
-        return doc
+        return seeds_document(head, sections, seeds)
 
     def on_variant(seed: int, section: dict) -> None:
         sections[seed] = section

@@ -42,7 +42,7 @@ from dmdcopy.experiments.common import (
 )
 from dmdcopy.experiments.pipeline import CurveCallback, distill_student, evaluate_student, make_student
 from dmdcopy.experiments.report import machine_info
-from dmdcopy.experiments.resume import ResultsFile, seed_section
+from dmdcopy.experiments.resume import ResultsFile, seed_section, seeds_document
 from dmdcopy.experiments.teacher_cache import cached_teacher
 from dmdcopy.experiments.teacher_training import TeacherConfig, train_teacher
 from dmdcopy.nets.image_mlp import ImageMLP
@@ -203,13 +203,10 @@ def run_digits(
                 seeds=list(seeds))
     sections: dict[int, dict] = {}
 
+    head["note"] = None if config.network == "unet" else "network: MLP on flattened images"
+
     def document() -> dict:
-        doc = dict(head)
-        if seeds[0] in sections:
-            doc.update(sections[seeds[0]])
-        doc["more_seeds"] = {str(s): sections[s] for s in seeds[1:] if s in sections}
-        doc["note"] = None if config.network == "unet" else "network: MLP on flattened images"
-        return doc
+        return seeds_document(head, sections, seeds)
 
     def on_level(seed: int, section: dict) -> None:
         sections[seed] = section

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dmdcopy.errors import ConfigError
 
-__all__ = ["ResultsFile", "config_diff", "seed_section", "strip_timing"]
+__all__ = ["ResultsFile", "config_diff", "seed_section", "seeds_document", "strip_timing"]
 
 # Keys whose values are wall-clock measurements: they differ between two runs of the same config.
 TIMING_KEYS = frozenset({"seconds", "timings", "time_s"})
@@ -97,6 +98,16 @@ class ResultsFile:
         from dmdcopy.experiments.report import write_json
 
         write_json(self.path, {**doc, "complete": complete})
+
+
+def seeds_document(head: dict, sections: dict[int, dict], seeds: Sequence[int]) -> dict:
+    """A multi-seed results document, the layout :func:`seed_section` reads: ``head`` with the
+    first seed's section merged in, and the other seeds' finished sections under ``more_seeds``."""
+    doc = dict(head)
+    if seeds[0] in sections:
+        doc.update(sections[seeds[0]])
+    doc["more_seeds"] = {str(s): sections[s] for s in seeds[1:] if s in sections}
+    return doc
 
 
 def seed_section(doc: dict | None, seed: int, first: int) -> dict | None:
