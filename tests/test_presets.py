@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from test_run_safety import CLI_TOML
 
 from dmdcopy.cli import main
 from dmdcopy.distill import DeltaECallback, DistillConfig, Distiller
@@ -70,30 +71,8 @@ def test_dmd2_rates_on_a_short_run_warn_and_say_what_to_do():
 
 
 def test_the_command_line_says_the_warning_in_one_line(tmp_path, capsys):
-    config = tmp_path / "run.toml"
-    config.write_text(f"""
-out_dir = "{(tmp_path / 'out').as_posix()}"
-device = "cpu"
-[teacher]
-kind = "gmm"
-means = [[-1.0, 0.0], [1.0, 0.0]]
-stds = [0.2, 0.2]
-[student]
-init = "mlp"
-hidden = 8
-depth = 1
-[fake_score]
-init = "mlp"
-hidden = 8
-depth = 1
-[distill]
-num_steps = 100
-batch_size = 4
-fake_score_steps = 1
-generator_lr = 1e-5
-log_every = 100
-checkpoint_every = 100
-""")
+    config = tmp_path / "run.toml"  # run_safety's tiny GMM run, with a learning rate far too small
+    config.write_text(CLI_TOML.format(out=(tmp_path / "out").as_posix(), steps=100) + "generator_lr = 1e-5\n")
     assert main(["distill", str(config), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "dmdcopy distill: warning: DistillConfig: generator_lr x updates = 1e-05 x 100 = 0.001" in err
