@@ -245,13 +245,19 @@ def test_safetensors_header_announcing_more_than_the_file_is_refused(tmp_path):
     _assert_refused(path, "safetensors")
 
 
-def test_compressed_torch_zip_is_refused_before_inflating(tmp_path):
+def _zip_bomb(tmp_path):
+    """An 8 MB ``torch.save`` archive re-packed with deflate: ``(plain, bomb)``."""
     plain = tmp_path / "plain.pt"
     torch.save({"w": torch.zeros(2_000_000)}, plain)
     bomb = tmp_path / "bomb.pt"
     with zipfile.ZipFile(plain) as zin, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zout:
         for info in zin.infolist():
             zout.writestr(info.filename, zin.read(info.filename))
+    return plain, bomb
+
+
+def test_compressed_torch_zip_is_refused_before_inflating(tmp_path):
+    plain, bomb = _zip_bomb(tmp_path)
     assert bomb.stat().st_size < plain.stat().st_size // 50
     with pytest.raises(CheckpointError, match=r"unpack to .* torch.save never compresses"):
         load(bomb, into=torch.nn.Linear(1, 1))
@@ -282,10 +288,5 @@ def test_legacy_torch_file_declaring_huge_storages_is_refused_before_allocating(
 
 
 def test_compressed_torch_zip_is_refused_by_the_plain_state_reader(tmp_path):
-    plain = tmp_path / "plain.pt"
-    torch.save({"w": torch.zeros(2_000_000)}, plain)
-    bomb = tmp_path / "bomb.pt"
-    with zipfile.ZipFile(plain) as zin, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zout:
-        for info in zin.infolist():
-            zout.writestr(info.filename, zin.read(info.filename))
+    _, bomb = _zip_bomb(tmp_path)
     _assert_refused(bomb, "torch.save never compresses", action="state")
