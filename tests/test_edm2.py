@@ -17,6 +17,7 @@ import types
 
 import pytest
 import torch
+from test_edm_pickle import EasyDict, _reconstruct_persistent_obj, edm_modules  # noqa: F401 (a fixture)
 from torch import nn
 from torch.nn import functional as F
 
@@ -365,34 +366,10 @@ def test_raw_unet_behind_edm_precond():
 # ----------------------------------------------------------------------------- EDM2 snapshots
 
 
-def _reconstruct_persistent_obj(meta):  # stand-in for EDM2's, only ever referenced by name
-    raise AssertionError("the reader must never call this")
-
-
-_reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-
-
-class EasyDict(dict):
-    pass
-
-
-EasyDict.__module__, EasyDict.__qualname__ = "dnnlib.util", "EasyDict"
-
+# EDM2 pickles with EDM's persistence records: the stand-ins and the module fixture are EDM's
+# (tests/test_edm_pickle.py).
 _EDM2_NAMES = {"EDM2Precond": "Precond", "EDM2UNet": "UNet", "Block": "Block", "MPConv": "MPConv",
                "MPFourier": "MPFourier"}
-
-
-@pytest.fixture
-def edm2_modules(monkeypatch):
-    """``torch_utils.persistence`` and ``dnnlib.util`` importable by pickle while writing only."""
-    persistence = types.ModuleType("torch_utils.persistence")
-    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    util = types.ModuleType("dnnlib.util")
-    util.EasyDict = EasyDict
-    for name, mod in [("torch_utils", types.ModuleType("torch_utils")),
-                      ("torch_utils.persistence", persistence),
-                      ("dnnlib", types.ModuleType("dnnlib")), ("dnnlib.util", util)]:
-        monkeypatch.setitem(sys.modules, name, mod)  # undone after the test
 
 
 class EDM2Pickler(pickle.Pickler):
@@ -439,7 +416,7 @@ def write_edm2_snapshot(path, net, marker, **kw):
 
 
 @pytest.mark.parametrize("label_dim", [0, 4])
-def test_edm2_snapshot_imports_to_identical_outputs(tmp_path, edm2_modules, monkeypatch, label_dim):
+def test_edm2_snapshot_imports_to_identical_outputs(tmp_path, edm_modules, monkeypatch, label_dim):  # noqa: F811
     net = randomise(tiny(label_dim, dropout=0.1))
     marker = tmp_path / "executed"
     write_edm2_snapshot(tmp_path / "network-snapshot.pkl", net, marker)
@@ -466,7 +443,7 @@ def test_edm2_snapshot_imports_to_identical_outputs(tmp_path, edm2_modules, monk
     assert record.state_dict().keys() == net.state_dict().keys()
 
 
-def test_edm2_snapshot_with_unknown_parts_gives_one_clear_error(tmp_path, edm2_modules):
+def test_edm2_snapshot_with_unknown_parts_gives_one_clear_error(tmp_path, edm_modules):  # noqa: F811
     net = tiny(0)
     write_edm2_snapshot(tmp_path / "a.pkl", net, tmp_path / "x", rename={"EDM2UNet": "UNet3"})
     write_edm2_snapshot(tmp_path / "b.pkl", net, tmp_path / "x", extra_kwargs={"fused_attention": True})
