@@ -15,8 +15,9 @@ you download yourself), this script
     python examples/imagenet64_edm.py --config examples/configs/imagenet64_edm.toml
     python examples/imagenet64_edm.py --edm-pickle my-snapshot.pkl --num-steps 20000
 
-Multi-GPU: ``torchrun --nproc_per_node=8 examples/imagenet64_edm.py ...`` (the distiller splits the
-global batch; the pair generation splits the shards). It is not run in CI; the full recipe is days
+Multi-GPU: ``torchrun --nproc_per_node=8 examples/imagenet64_edm.py ...`` (the script starts the
+process group from torchrun's variables; the distiller splits the global batch, the pair generation
+splits the shards). It is not run in CI; the full recipe is days
 of GPU time.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dmdcopy.distill import DistillConfig, Distiller
+from dmdcopy.distill import DistillConfig, Distiller, process_group_from_env
 from dmdcopy.io import build_module, convert, load, module_spec, save
 from dmdcopy.metrics import pairing_inefficiency
 from dmdcopy.pairs import generate_pairs
@@ -128,4 +129,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with process_group_from_env():  # a no-op in one process; under torchrun, one group for all ranks
+        main()

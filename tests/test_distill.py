@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _dist import in_gloo_group
 from torch import nn
 
 from dmdcopy import delta_e
@@ -667,24 +668,17 @@ def test_delta_e_callback_records_a_non_finite_student_and_training_goes_on(tmp_
     assert later["delta_e_nonfinite"] == 0 and math.isfinite(later["delta_e"])
 
 
-def _ddp_callback_worker(rank, world_size, init_file, out_dir):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        torch.manual_seed(0)
-        G = ScratchStudent()
-        cb = DeltaECallback(2, range(40), sigmas=GRID, batch=7, n_boot=20)
-        d = Distiller(gmm(), G, fake_score=net(), callbacks=[cb], out_dir=out_dir if rank == 0 else None,
-                      config=small_config(num_steps=2, batch_size=8, fake_score_steps=1))
-        d.train()
-        report = cb.measure(d)  # every rank measures together and gets the same report
-        torch.save(dict(delta_e=report.result.delta_e, bracket_high=report.result.bracket_high,
-                        student={k: v.clone() for k, v in G.state_dict().items()}),
-                   f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _ddp_callback_worker(rank, out_dir):
+    torch.manual_seed(0)
+    G = ScratchStudent()
+    cb = DeltaECallback(2, range(40), sigmas=GRID, batch=7, n_boot=20)
+    d = Distiller(gmm(), G, fake_score=net(), callbacks=[cb], out_dir=out_dir if rank == 0 else None,
+                  config=small_config(num_steps=2, batch_size=8, fake_score_steps=1))
+    d.train()
+    report = cb.measure(d)  # every rank measures together and gets the same report
+    torch.save(dict(delta_e=report.result.delta_e, bracket_high=report.result.bracket_high,
+                    student={k: v.clone() for k, v in G.state_dict().items()}),
+               f"{out_dir}/rank{rank}.pt")
 
 
 def test_delta_e_callback_under_ddp_measures_on_every_rank(tmp_path):
@@ -692,8 +686,8 @@ def test_delta_e_callback_under_ddp_measures_on_every_rank(tmp_path):
 
     out = tmp_path / "ddp"
     out.mkdir()
-    ctx = mp.spawn(_ddp_callback_worker, args=(2, str(tmp_path / "rendezvous"), str(out)), nprocs=2,
-                   join=False)
+    rendezvous = f"file://{tmp_path / 'rendezvous'}"
+    ctx = mp.spawn(in_gloo_group, args=(2, rendezvous, _ddp_callback_worker, str(out)), nprocs=2, join=False)
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:  # a rank left out of a collective waits forever

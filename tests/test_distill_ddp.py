@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from _dist import free_port, in_gloo_group
 
 from dmdcopy.distill import DistillConfig, Distiller
 from dmdcopy.nets import MLP
@@ -49,17 +49,12 @@ def _run(out_dir=None):
     return d, state, records
 
 
-def _worker(rank, world_size, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        d, state, records = _run(out_dir if rank == 0 else None)
-        assert d.local_batch == 4 and d.world_size == 2
-        torch.save(records, os.path.join(out_dir, f"records{rank}.pt"))
-        if rank == 0:
-            torch.save(state, os.path.join(out_dir, "state.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, out_dir):
+    d, state, records = _run(out_dir if rank == 0 else None)
+    assert d.local_batch == 4 and d.world_size == 2
+    torch.save(records, os.path.join(out_dir, f"records{rank}.pt"))
+    if rank == 0:
+        torch.save(state, os.path.join(out_dir, "state.pt"))
 
 
 def _mean(records, field):
@@ -70,7 +65,7 @@ def _mean(records, field):
 def test_two_processes_match_one(tmp_path):
     out = tmp_path / "ddp"
     out.mkdir()
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(out)), nprocs=2, join=True)
+    mp.spawn(in_gloo_group, args=(2, f"file://{tmp_path / 'rendezvous'}", _worker, str(out)), nprocs=2)
     ddp_state = torch.load(out / "state.pt", weights_only=True)
     _, single, _ = _run(tmp_path / "single")
     assert ddp_state.keys() == single.keys()
@@ -93,3 +88,59 @@ def test_two_processes_match_one(tmp_path):
     for key in _LOSSES:
         assert logged[key] == pytest.approx(alone[key], rel=1e-3), key
     assert (logged["generator_updates"], logged["fake_score_updates"]) == (3, 6)
+
+
+
+def _env_worker(rank, ports, out_dir):
+    import torch.distributed as dist
+
+    from dmdcopy.distill import process_group_from_env
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    seen = []
+    os.environ["MASTER_PORT"] = str(ports[0])
+    with process_group_from_env(backend="gloo") as info:
+        seen.append((info.rank, info.world_size, dist.is_initialized()))
+    seen.append(dist.is_initialized())  # the group it started is gone
+    os.environ["MASTER_PORT"] = str(ports[1])
+    try:
+        with process_group_from_env(backend="gloo"):
+            raise RuntimeError("this rank failed")
+    except RuntimeError:  # no barrier on the way out (the other ranks may still be working)
+        seen.append(dist.is_initialized())
+    with process_group_from_env() as info:  # a group started before is not the block's to end
+        seen.append(info.world_size)
+    seen.append(dist.is_initialized())
+    dist.destroy_process_group()
+    torch.save(seen, os.path.join(out_dir, f"seen{rank}.pt"))
+
+
+def test_process_group_from_env_ends_only_the_group_it_started(tmp_path):
+    ports = (free_port(), free_port())
+    mp.start_processes(_env_worker, args=(ports, str(tmp_path)), nprocs=2, start_method="fork")
+    for rank in range(2):
+        assert torch.load(tmp_path / f"seen{rank}.pt") == [(rank, 2, True), False, True, 2, True]
+
+
+@pytest.mark.parametrize("world, message", [
+    ("2", "WORLD_SIZE=2 (torchrun) but torch.distributed has no process group"),
+    ("two", "WORLD_SIZE='two' in the environment"),
+    ("0", "expected a process count >= 1")])
+def test_a_torchrun_process_without_a_group_is_refused(monkeypatch, tmp_path, world, message):
+    import re
+
+    from dmdcopy.errors import ConfigError
+
+    def build():
+        teacher = GaussianMixtureTeacher(torch.tensor([[-1.0, 0.0], [1.0, 0.5]]), torch.tensor([0.2, 0.3]))
+        student = OneStepStudent(EDMPrecond(MLP(2, hidden=16, depth=1)))
+        return Distiller(teacher, student, fake_score=EDMPrecond(MLP(2, hidden=16, depth=1)),
+                         config=DistillConfig(batch_size=8, num_steps=1), out_dir=tmp_path)
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build()
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert build().world_size == 1

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _dist import in_gloo_group
 
 from dmdcopy.distill import DistillConfig, Distiller
 from dmdcopy.errors import ConfigError
@@ -37,50 +38,45 @@ def _state(d):
     return {k: v for k, v in tensors.items() if not k.startswith("rng/")}
 
 
-def _worker(rank, world_size, init_file, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+def _worker(rank, out):
+    from torch.distributed.tensor import DTensor
+
+    d = _setup(os.path.join(out, "a") if rank == 0 else None)
+    assert isinstance(next(d.student.parameters()), DTensor)
+    d.train()
+    full = _state(d)
+    students = d.unsharded_students()
+
+    def stop_at_3(distiller, step):  # after the checkpoint of step 2
+        if step == 3:
+            raise KeyboardInterrupt
+
+    b = os.path.join(out, "b")
+    first = _setup(b if rank == 0 else None)
+    first.callbacks.append(stop_at_3)
     try:
-        from torch.distributed.tensor import DTensor
+        first.train()
+    except KeyboardInterrupt:
+        pass
+    dist.barrier()
+    resumed = _setup(b)  # every rank reads rank 0's checkpoint (only rank 0 writes)
+    resumed.train(resume="latest")
+    again = _state(resumed)
+    if rank == 0:
+        torch.save(full, os.path.join(out, "full.pt"))
+        torch.save(again, os.path.join(out, "resumed.pt"))
+        from dmdcopy.io import save
 
-        d = _setup(os.path.join(out, "a") if rank == 0 else None)
-        assert isinstance(next(d.student.parameters()), DTensor)
-        d.train()
-        full = _state(d)
-        students = d.unsharded_students()
-
-        def stop_at_3(distiller, step):  # after the checkpoint of step 2
-            if step == 3:
-                raise KeyboardInterrupt
-
-        b = os.path.join(out, "b")
-        first = _setup(b if rank == 0 else None)
-        first.callbacks.append(stop_at_3)
-        try:
-            first.train()
-        except KeyboardInterrupt:
-            pass
-        dist.barrier()
-        resumed = _setup(b)  # every rank reads rank 0's checkpoint (only rank 0 writes)
-        resumed.train(resume="latest")
-        again = _state(resumed)
-        if rank == 0:
-            torch.save(full, os.path.join(out, "full.pt"))
-            torch.save(again, os.path.join(out, "resumed.pt"))
-            from dmdcopy.io import save
-
-            save(students["student_ema"], os.path.join(out, "student_ema.safetensors"))
-        else:
-            assert students == {"student": None, "student_ema": None}
-    finally:
-        dist.destroy_process_group()
+        save(students["student_ema"], os.path.join(out, "student_ema.safetensors"))
+    else:
+        assert students == {"student": None, "student_ema": None}
 
 
 @pytest.mark.slow  # two spawned processes, three runs each (~17 s)
 def test_fsdp_two_processes_match_one_resume_bit_for_bit_and_export(tmp_path):
     out = tmp_path / "fsdp"
     out.mkdir()
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(out)), nprocs=2, join=True)
+    mp.spawn(in_gloo_group, args=(2, f"file://{tmp_path / 'rendezvous'}", _worker, str(out)), nprocs=2)
     full = torch.load(out / "full.pt", weights_only=True)
     resumed = torch.load(out / "resumed.pt", weights_only=True)
     assert full.keys() == resumed.keys()

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from _dist import free_port
+from _dist import in_gloo_group, tcp_rendezvous
 from torch import nn
 
 import dmdcopy
@@ -203,26 +203,20 @@ def test_top_level_exports():
 # torch.distributed: every rank maps its share, every rank gets the one-process report
 
 
-def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world)
-    try:
-        T = _gaussian()
-        W = torch.linalg.cholesky(T.cov).flip(1)
-        big = delta_e(T, Linear(W), range(40), sigmas=GRID, n_boot=20, transport=True)
-        tiny = delta_e(T, Linear(W), [5, 9], sigmas=GRID, n_boot=0)  # a rank without seeds
-        nan = delta_e(T, lambda z, class_labels=None: z * math.nan, range(10), sigmas=GRID, n_boot=0)
-        torch.save([big.to_dict()["delta_e"], big.to_dict()["transport"], tiny.result.delta_e,
-                    nan.n_nonfinite], os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank_worker(rank: int, out_dir: str) -> None:
+    T = _gaussian()
+    W = torch.linalg.cholesky(T.cov).flip(1)
+    big = delta_e(T, Linear(W), range(40), sigmas=GRID, n_boot=20, transport=True)
+    tiny = delta_e(T, Linear(W), [5, 9], sigmas=GRID, n_boot=0)  # a rank without seeds
+    nan = delta_e(T, lambda z, class_labels=None: z * math.nan, range(10), sigmas=GRID, n_boot=0)
+    torch.save([big.to_dict()["delta_e"], big.to_dict()["transport"], tiny.result.delta_e,
+                nan.n_nonfinite], os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow
 def test_ranks_share_the_seeds_and_agree(tmp_path):
-    torch.multiprocessing.start_processes(_rank_worker, args=(3, free_port(), str(tmp_path)), nprocs=3,
-                                         start_method="fork")
+    args = (3, tcp_rendezvous(), _rank_worker, str(tmp_path))
+    torch.multiprocessing.start_processes(in_gloo_group, args=args, nprocs=3, start_method="fork")
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
     assert got[0] == got[1] == got[2]
     T = _gaussian()

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from _dist import free_port
+from _dist import in_gloo_group, tcp_rendezvous
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -301,38 +301,32 @@ def test_inputs_that_require_grad_are_fine():
     assert pairing_inefficiency(s, t, n_boot=0) == pairing_inefficiency(s.detach(), t, n_boot=0)
 
 
-def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+def _dist_worker(rank: int, out_dir: str) -> None:
+    g = _gen(14)
+    t = torch.randn(90, 4, generator=g)
+    s = t + 0.5 * torch.randn(90, 4, generator=g)
+    m = PairingInefficiency(n_boot=20)
+    bounds = [(0, 50), (50, 90)][rank]  # unequal shares exercise the padded gather
+    m.update(s[bounds[0] : bounds[1]], t[bounds[0] : bounds[1]])
+    r = m.compute()
+    torch.save(r.to_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    # a rank that holds no pairs joins the gather instead of leaving the others waiting
+    m.reset()
+    if rank == 0:
+        m.update(s, t)
+    torch.save(m.compute().to_dict(), os.path.join(out_dir, f"rank{rank}-empty.pt"))
+    m.reset()
     try:
-        g = _gen(14)
-        t = torch.randn(90, 4, generator=g)
-        s = t + 0.5 * torch.randn(90, 4, generator=g)
-        m = PairingInefficiency(n_boot=20)
-        bounds = [(0, 50), (50, 90)][rank]  # unequal shares exercise the padded gather
-        m.update(s[bounds[0] : bounds[1]], t[bounds[0] : bounds[1]])
-        r = m.compute()
-        torch.save(r.to_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-        # a rank that holds no pairs joins the gather instead of leaving the others waiting
-        m.reset()
-        if rank == 0:
-            m.update(s, t)
-        torch.save(m.compute().to_dict(), os.path.join(out_dir, f"rank{rank}-empty.pt"))
-        m.reset()
-        try:
-            m.compute()
-        except ShapeError as e:  # every rank raises, none hangs
-            torch.save(str(e), os.path.join(out_dir, f"rank{rank}-none.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+        m.compute()
+    except ShapeError as e:  # every rank raises, none hangs
+        torch.save(str(e), os.path.join(out_dir, f"rank{rank}-none.pt"))
 
 
 @pytest.mark.slow
 def test_accumulator_gathers_across_processes(tmp_path):
-    torch.multiprocessing.start_processes(_dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
-                                         start_method="fork")  # fork: no re-import, fast
+    args = (2, tcp_rendezvous(), _dist_worker, str(tmp_path))
+    # fork: no re-import, fast
+    torch.multiprocessing.start_processes(in_gloo_group, args=args, nprocs=2, start_method="fork")
     g = _gen(14)
     t = torch.randn(90, 4, generator=g)
     s = t + 0.5 * torch.randn(90, 4, generator=g)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from _dist import free_port
+from _dist import in_gloo_group, tcp_rendezvous
 from torch import nn
 
 from dmdcopy.errors import CheckpointError, ConfigError, ShapeError
@@ -273,23 +273,17 @@ def test_fingerprint_sees_exact_teachers_data_and_scalar_buffers(tmp_path):
     assert teacher_fingerprint(_teacher()) == teacher_fingerprint(_teacher())
 
 
-def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        D = CountingDenoiser(_teacher())
-        generate_pairs(D, range(30), out_dir, sigmas=GRID, batch=5, shard_size=5)
-        torch.save(D.rows, os.path.join(out_dir, f"rows{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank_worker(rank: int, out_dir: str) -> None:
+    D = CountingDenoiser(_teacher())
+    generate_pairs(D, range(30), out_dir, sigmas=GRID, batch=5, shard_size=5)
+    torch.save(D.rows, os.path.join(out_dir, f"rows{rank}.pt"))
 
 
 @pytest.mark.slow
 def test_ranks_split_the_shards(tmp_path):
-    torch.multiprocessing.start_processes(_rank_worker, args=(2, free_port(), str(tmp_path / "dist")),
-                                         nprocs=2, start_method="fork")  # fork: no re-import, fast
+    args = (2, tcp_rendezvous(), _rank_worker, str(tmp_path / "dist"))
+    # fork: no re-import, fast
+    torch.multiprocessing.start_processes(in_gloo_group, args=args, nprocs=2, start_method="fork")
     rows = [torch.load(tmp_path / "dist" / f"rows{r}.pt") for r in range(2)]
     assert rows[0] == rows[1] > 0  # 3 shards each
     single = generate_pairs(_teacher(), range(30), tmp_path / "one", sigmas=GRID, batch=5, shard_size=5)

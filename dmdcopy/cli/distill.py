@@ -504,10 +504,16 @@ def build_run(spec: Mapping[str, Any], *, device=None, progress: bool | None = N
 
 
 def run(args: argparse.Namespace) -> int:
-    from dmdcopy.distill import Distiller, init_from_env
+    from dmdcopy.distill import process_group_from_env
+
+    with process_group_from_env() as info:  # under torchrun: every rank ends together, group closed
+        return _train_and_export(args, info)
+
+
+def _train_and_export(args: argparse.Namespace, info) -> int:
+    from dmdcopy.distill import Distiller
     from dmdcopy.errors import RunInterrupted
 
-    info = init_from_env()
     spec = load_toml(args.config)
     parts = build_run(spec, device=args.device, progress=False if args.no_progress else None)
     out_dir = Path(parts.pop("out_dir"))

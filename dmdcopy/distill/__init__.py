@@ -7,7 +7,7 @@
 
 from dmdcopy.distill.callbacks import DeltaECallback
 from dmdcopy.distill.config import DistillConfig
-from dmdcopy.distill.dist import init_from_env
+from dmdcopy.distill.dist import init_from_env, process_group_from_env
 from dmdcopy.distill.distiller import Callback, Distiller, FakeScoreRecord, GeneratorRecord
 from dmdcopy.distill.ema import EMA
 from dmdcopy.io.run_checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint, read_entry
@@ -23,6 +23,7 @@ __all__ = [
     "init_from_env",
     "latest_checkpoint",
     "list_checkpoints",
+    "process_group_from_env",
     "read_checkpoint",
     "read_entry",
 ]

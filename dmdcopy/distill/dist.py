@@ -2,11 +2,14 @@
 
 The distiller never starts a process group itself; ``torchrun`` (or a test spawning processes)
 does, and :func:`init_from_env` is the one-liner for scripts: it initialises the default group from
-torchrun's environment variables when ``WORLD_SIZE > 1``.
+torchrun's environment variables when ``WORLD_SIZE > 1``; :func:`process_group_from_env` does the
+same for a block and also ends the group it started.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,8 +19,10 @@ import torch.distributed as dist
 from torch import nn
 
 from dmdcopy.contracts import dist_rank_world
+from dmdcopy.errors import ConfigError
 
-__all__ = ["DistInfo", "all_reduce_mean", "all_true", "dist_info", "init_from_env", "wrap_ddp"]
+__all__ = ["DistInfo", "all_reduce_mean", "all_true", "dist_info", "init_from_env", "process_group_from_env",
+           "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -44,19 +49,60 @@ def dist_info() -> DistInfo:
     return DistInfo(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
 
 
+def launched_world_size() -> int:
+    """The process count a launcher (torchrun) announced in ``WORLD_SIZE``; 1 when unset."""
+    text = os.environ.get("WORLD_SIZE", "").strip() or "1"
+    try:
+        world = int(text)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE={text!r} in the environment: expected a process count >= 1")
+    return world
+
+
+def check_launch(info: DistInfo) -> None:
+    """Refuse a process that torchrun started as one of several but that joined no process group:
+    each would train alone on the whole batch, and all would write the same run directory."""
+    world = launched_world_size()
+    if world > 1 and not info.distributed:
+        raise ConfigError(f"WORLD_SIZE={world} (torchrun) but torch.distributed has no process group: "
+                          "call dmdcopy.distill.init_from_env() first, or build the Distiller inside "
+                          "`with dmdcopy.distill.process_group_from_env():`")
+
+
 def init_from_env(backend: str | None = None) -> DistInfo:
     """Initialise the default process group from torchrun's variables if ``WORLD_SIZE > 1``.
 
     ``backend`` defaults to NCCL when CUDA is available, gloo otherwise.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if launched_world_size() > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend=backend)
     info = dist_info()
     if info.distributed and torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     return info
+
+
+@contextlib.contextmanager
+def process_group_from_env(backend: str | None = None):
+    """:func:`init_from_env` for a ``with`` block; a group it started is destroyed when the block
+    ends normally, after every rank has reached the end (so no rank exits while rank 0 still writes).
+
+    Put the :class:`~dmdcopy.distill.Distiller` inside a function called in the block, so it is gone
+    by then: a group that outlives ``destroy_process_group`` through live DDP wrappers is torn down
+    during interpreter shutdown instead, where gloo can abort the process (exit by SIGABRT after the
+    work is done). A block left by an exception keeps the group (a barrier would wait for ranks that
+    are still working); the process is ending anyway.
+    """
+    started = not (dist.is_available() and dist.is_initialized())
+    info = init_from_env(backend)
+    yield info
+    if started and dist.is_initialized():
+        gc.collect()  # networks kept alive only by reference cycles release the group now
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_mean(values: Sequence[float], device: torch.device) -> list[float]:

@@ -51,7 +51,7 @@ from dmdcopy.distill import fsdp, method, rundir, speed
 from dmdcopy.distill import setup as checks
 from dmdcopy.distill.checkpoint import Counters, RunState, check_identity, check_resumable, run_fingerprint
 from dmdcopy.distill.config import DistillConfig
-from dmdcopy.distill.dist import all_reduce_mean, all_true, dist_info, wrap_ddp
+from dmdcopy.distill.dist import all_reduce_mean, all_true, check_launch, dist_info, wrap_ddp
 from dmdcopy.distill.draws import Draws, Stream
 from dmdcopy.distill.ema import EMA
 from dmdcopy.distill.method import FakeScoreRecord, GeneratorRecord
@@ -157,6 +157,7 @@ class Distiller:
             raise ConfigError(f"student must be an nn.Module G(z, class_labels=None), got {type(student)}")
         cfg = self.config = config
         info = dist_info()
+        check_launch(info)
         self.rank, self.world_size = info.rank, info.world_size
         self.is_main = info.is_main
         budget = cfg.budget_warning()
