@@ -94,6 +94,11 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_results_file(tmp_path):
     partial = _read(cut)
     assert partial["complete"] is False
     assert [(p["dim"], sorted(p["students"])) for p in partial["points"]] == [(2, ["teacher_init"])]
+    # a fresh run over it (no resume) would lose that point: refused, the file untouched
+    before = cut.read_bytes()
+    with pytest.raises(ConfigError, match="interrupted run's finished points; continue it with --resume"):
+        run_dimension_sweep(cfg, out=cut, teacher_cache=cache)
+    assert cut.read_bytes() == before
     # stop again later (seed 1), then finish; the second and third runs skip what is on disk
     with pytest.raises(Interrupt):
         run_dimension_sweep(cfg, out=cut, teacher_cache=cache, resume=True,
@@ -130,6 +135,25 @@ def test_resume_refuses_a_results_file_of_another_config(tmp_path, capsys):
     assert main([*demo[:-4], "--num-eval", "16", *demo[-4:], "--resume"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different config (num_eval)" in err[0]
+
+
+
+def test_a_second_demo_on_the_same_out_is_refused_and_a_damaged_finished_file_replaced(tmp_path, capsys):
+    from dmdcopy.distill.rundir import writer_lock
+
+    out = tmp_path / "cli"
+    demo = ["demo", "--quick", "--dims", "2", "--kinds", "gaussian_mixture", "--students", "scratch",
+            "--teacher-steps", "3", "--distill-steps", "2", "--num-eval", "12", "--eval-every", "0",
+            "--out", str(out), "--no-progress", "--no-plot"]
+    with writer_lock(out):  # as another `dmdcopy demo --out` still running would hold it
+        assert main(demo) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pid {os.getpid()}" in err[0] and "is writing this directory" in err[0]
+    assert not (out / "results.json").exists()
+    (out / "results.json").write_text('{"experiment": "dimension_sw')  # a torn file from elsewhere
+    assert main(demo) == 0  # nothing readable in it to keep: replaced
+    assert _read(out / "results.json")["complete"] is True
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "teachers"]  # the lock is gone
 
 
 def test_digits_and_ablations_resume_per_level_and_per_variant(tmp_path):

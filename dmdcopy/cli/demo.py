@@ -309,6 +309,7 @@ def _run_ablations(args: argparse.Namespace, device, out: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from dmdcopy.distill.rundir import writer_lock
     from dmdcopy.errors import ConfigError
 
     try:
@@ -330,9 +331,10 @@ def run(args: argparse.Namespace) -> int:
     runners = {"sweep": _run_sweep, "digits": _run_digits, "ablations": _run_ablations}
     names = list(runners) if args.experiment == "all" else [args.experiment]
     bad = 0
-    for name in names:
-        results = runners[name](args, device, out)
-        bad += _count_non_finite(results)
+    with writer_lock(out):  # a second demo on the same --out is refused, not interleaved
+        for name in names:
+            results = runners[name](args, device, out)
+            bad += _count_non_finite(results)
     if bad:
         print(f"warning: {bad} student(s) produced non-finite samples")
     return 0

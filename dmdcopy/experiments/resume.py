@@ -10,7 +10,8 @@ With ``resume=True`` an existing file is read back (:attr:`ResultsFile.previous`
 experiment skips the points it already holds, but only when it was written by the same experiment
 with the same config; otherwise :class:`~dmdcopy.errors.ConfigError` names the fields that differ.
 Every figure of a point is a deterministic function of the config and the seeds, so a resumed run
-ends with the document an uninterrupted one writes (timing fields aside).
+ends with the document an uninterrupted one writes (timing fields aside). Without ``resume``, a
+file left by an interrupted run is refused rather than overwritten.
 """
 
 from __future__ import annotations
@@ -60,11 +61,13 @@ class ResultsFile:
         path: the JSON file; ``None`` writes nothing and resumes nothing.
         experiment: the document's ``experiment`` field (``"dimension_sweep"``, ...).
         config: the run's config as JSON (``config.to_dict()``).
-        resume: read an existing file at ``path`` and offer its points (:attr:`previous`).
+        resume: read an existing file at ``path`` and offer its points (:attr:`previous`). Without
+            it, a finished (``complete: true``) or unreadable file is replaced.
 
     Raises:
         ConfigError: when resuming from a file that is not JSON, belongs to another experiment or
-            was written with another config (one line naming the differing fields).
+            was written with another config (one line naming the differing fields); and, without
+            ``resume``, when the file holds an interrupted run (its points would be lost).
     """
 
     def __init__(self, path: str | os.PathLike | None, experiment: str, config: dict, *,
@@ -75,13 +78,20 @@ class ResultsFile:
         self.experiment = experiment
         self.config = to_jsonable(config)
         self.previous: dict | None = None
-        if self.path is None or not resume or not self.path.exists():
+        if self.path is None or not self.path.exists():
             return
         try:
             doc = json.loads(self.path.read_text())
         except (OSError, ValueError) as e:
+            if not resume:  # nothing readable to lose: the run replaces it
+                return
             raise ConfigError(f"--resume: cannot read {self.path} ({e}); remove it or drop --resume"
                               ) from None
+        if not resume:
+            if isinstance(doc, dict) and doc.get("complete") is False:
+                raise ConfigError(f"{self.path} holds an interrupted run's finished points; continue it "
+                                  "with --resume (resume=True), or remove the file to start over")
+            return
         if not isinstance(doc, dict) or doc.get("experiment") != experiment:
             raise ConfigError(f"--resume: {self.path} is not a {experiment} results file")
         diff = config_diff(doc.get("config") or {}, self.config)
