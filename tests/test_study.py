@@ -154,6 +154,13 @@ def test_a_second_demo_on_the_same_out_is_refused_and_a_damaged_finished_file_re
     assert main(demo) == 0  # nothing readable in it to keep: replaced
     assert _read(out / "results.json")["complete"] is True
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "teachers"]  # the lock is gone
+    # an interrupted digits file is refused before the sweep that comes first in --experiment all
+    (out / "digits.json").write_text(json.dumps({"experiment": "digits", "complete": False}))
+    before = (out / "results.json").read_bytes()
+    assert main([*demo, "--experiment", "all"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "digits.json holds an interrupted run's finished points" in err[0]
+    assert (out / "results.json").read_bytes() == before
 
 
 def test_digits_and_ablations_resume_per_level_and_per_variant(tmp_path):

@@ -22,6 +22,9 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+# The results file each experiment writes in --out.
+RESULT_FILES = {"sweep": "results.json", "digits": "digits.json", "ablations": "ablations.json"}
+
 __all__ = ["register", "run"]
 
 
@@ -188,7 +191,7 @@ def _run_sweep(args: argparse.Namespace, device, out: Path) -> dict:
     config = dataclasses.replace(config, **changes)
     total = len(config.run_seeds()) * len(config.kinds) * len(config.dims) * (1 + len(config.students))
     progress, close = _progress_bar(total, not args.no_progress, "sweep")
-    json_path = out / "results.json"
+    json_path = out / RESULT_FILES["sweep"]
     try:
         results = run_dimension_sweep(config, device=device, progress=progress, out=json_path,
                                       resume=args.resume, teacher_cache=_cache(args, out))
@@ -249,7 +252,7 @@ def _run_digits(args: argparse.Namespace, device, out: Path) -> dict:
         changes["network"] = args.network
     config = dataclasses.replace(config, **changes)
     progress, close = _progress_bar(_digits_stages(config), not args.no_progress, "digits")
-    json_path = out / "digits.json"
+    json_path = out / RESULT_FILES["digits"]
     try:
         results = run_digits(config, device=device, progress=progress, out=json_path, resume=args.resume,
                              teacher_cache=_cache(args, out))
@@ -288,7 +291,7 @@ def _run_ablations(args: argparse.Namespace, device, out: Path) -> dict:
         changes["kind"] = args.kinds.split(",")[0].strip()
     config = dataclasses.replace(config, **changes)
     progress, close = _progress_bar(_ablation_stages(config), not args.no_progress, "ablations")
-    json_path = out / "ablations.json"
+    json_path = out / RESULT_FILES["ablations"]
     try:
         results = run_ablations(config, device=device, progress=progress, out=json_path, resume=args.resume,
                                 teacher_cache=_cache(args, out))
@@ -311,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dmdcopy.distill.rundir import writer_lock
     from dmdcopy.errors import ConfigError
+    from dmdcopy.experiments.resume import refuse_interrupted
 
     try:
         device = torch.device(args.device)
@@ -332,6 +336,9 @@ def run(args: argparse.Namespace) -> int:
     names = list(runners) if args.experiment == "all" else [args.experiment]
     bad = 0
     with writer_lock(out):  # a second demo on the same --out is refused, not interleaved
+        if not args.resume:  # before any work, not after the experiments that come first
+            for name in names:
+                refuse_interrupted(out / RESULT_FILES[name])
         for name in names:
             results = runners[name](args, device, out)
             bad += _count_non_finite(results)

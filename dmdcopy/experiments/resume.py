@@ -24,7 +24,8 @@ from typing import Any
 
 from dmdcopy.errors import ConfigError
 
-__all__ = ["ResultsFile", "config_diff", "seed_section", "seeds_document", "strip_timing"]
+__all__ = ["ResultsFile", "config_diff", "refuse_interrupted", "seed_section", "seeds_document",
+           "strip_timing"]
 
 # Keys whose values are wall-clock measurements: they differ between two runs of the same config.
 TIMING_KEYS = frozenset({"seconds", "timings", "time_s"})
@@ -52,6 +53,20 @@ def strip_timing(obj: Any) -> Any:
     if isinstance(obj, list):
         return [strip_timing(v) for v in obj]
     return obj
+
+
+def refuse_interrupted(path: str | os.PathLike, doc: Any = None) -> None:
+    """Raise :class:`ConfigError` when the results file at ``path`` (or its parsed ``doc``) holds
+    an interrupted run, which a fresh run would overwrite; a missing, finished or unreadable file
+    passes."""
+    if doc is None:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return
+    if isinstance(doc, dict) and doc.get("complete") is False:
+        raise ConfigError(f"{path} holds an interrupted run's finished points; continue it with "
+                          "--resume (resume=True), or remove the file to start over")
 
 
 class ResultsFile:
@@ -88,9 +103,7 @@ class ResultsFile:
             raise ConfigError(f"--resume: cannot read {self.path} ({e}); remove it or drop --resume"
                               ) from None
         if not resume:
-            if isinstance(doc, dict) and doc.get("complete") is False:
-                raise ConfigError(f"{self.path} holds an interrupted run's finished points; continue it "
-                                  "with --resume (resume=True), or remove the file to start over")
+            refuse_interrupted(self.path, doc)
             return
         if not isinstance(doc, dict) or doc.get("experiment") != experiment:
             raise ConfigError(f"--resume: {self.path} is not a {experiment} results file")
