@@ -75,6 +75,27 @@ def test_end_to_end_report(ckpts, tmp_path, capsys):
     assert r["delta_e"] == pytest.approx(expected.delta_e, rel=1e-5)
 
 
+def test_a_report_write_that_fails_midway_keeps_the_previous_report(ckpts, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    out = tmp_path / "report.json"
+    out.write_text('{"previous": true}')
+    real = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):  # half the report reaches the disk, then ENOSPC
+        real(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _run(ckpts, "--student", str(ckpts / "student.safetensors"), "--out", str(out))
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == {"previous": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp file left behind
+    assert _run(ckpts, "--student", str(ckpts / "student.safetensors"), "--out", str(out)) == 0
+    assert json.loads(out.read_text())["delta_e"]["n"] == 120
+
+
 def test_denoiser_student_and_cache_reuse(ckpts, tmp_path, capsys):
     cache = tmp_path / "pc"
     assert _run(ckpts, "--student", str(ckpts / "student.safetensors"), "--pairs-cache", str(cache),

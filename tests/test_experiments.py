@@ -380,6 +380,22 @@ def test_dimension_sweep_smoke(tmp_path):
     assert rows[1].endswith("  1") and rows[3].endswith("  1,2")  # scratch rows of the first two points
     png = plot_sweep(parsed, tmp_path / "sweep.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a save that dies halfway (disk full, a kill) leaves the previous picture whole, no temp file
+    from matplotlib.figure import Figure
+
+    before = png.read_bytes()
+
+    def torn(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(before[:100])
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Figure, "savefig", torn)
+        with pytest.raises(OSError, match="No space left"):
+            plot_sweep(parsed, png)
+    assert png.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+    assert plot_sweep(parsed, tmp_path / "sweep.svg").read_bytes().lstrip().startswith(b"<?xml")
 
     # A student whose samples were not finite (evaluate_student's record) and a sweep without
     # teacher-initialised students: the table and the figure still come out.

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 import os
 import sys
@@ -359,8 +358,7 @@ def run(args) -> int:
         for w in report.result.warnings:
             print(f"warning: {w}")
     if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1))
-        print(f"report written to {path}")
+        from dmdcopy.experiments.report import write_json
+
+        print(f"report written to {write_json(args.out, out)}")  # atomic: a crash keeps the old one
     return 0 if report.result is not None else 1

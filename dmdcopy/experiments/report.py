@@ -224,6 +224,13 @@ def _curve_mean(curves: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [sum(v) / len(v) for v in vals]
 
 
+def _save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` atomically in the format its suffix names (PNG without one): a killed run
+    leaves the previous picture, never half of one."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format=fmt))
+
+
 def plot_curves(results: dict, path: str | os.PathLike) -> Path:
     """Delta E over training for a dimension sweep, saved as PNG at ``path``.
 
@@ -269,8 +276,7 @@ def plot_curves(results: dict, path: str | os.PathLike) -> Path:
         ax2.set_yscale("log")
         ax2.set_xlabel("generator steps")
         ax2.set_ylabel("sliced Wasserstein / floor")
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return _save_figure(fig, path)
 
 
 def _num(v: float | None) -> float:
@@ -370,8 +376,7 @@ def plot_sweep(results: dict, path: str | os.PathLike, *, max_lines: int = 150) 
             ax2.set_aspect("equal", adjustable="datalim")
             ax2.set_title(f"{kind}, d = 2: same noise z")
             ax2.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return _save_figure(fig, path)
 
 
 def _non_finite(rec: dict) -> str:
@@ -451,8 +456,7 @@ def plot_bars(rows: list[tuple[str, float | None, float | None, float | None]], 
     ax.axhline(1, color="grey", lw=0.5, ls=":")
     ax.set_ylabel("Delta E (0 = copies, 1 = random pairing)")
     ax.set_title(title)
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return _save_figure(fig, path)
 
 
 def _bracket(de: dict) -> tuple[float | None, float | None]:
@@ -495,7 +499,7 @@ def plot_digit_pairs(results: dict, path: str | os.PathLike) -> Path | None:
         ax.set_axis_off()
     fig.suptitle("teacher (left of each pair) and student from the same noise", fontsize=9)
     fig.tight_layout()
-    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    return _save_figure(fig, path)
 
 
 def plot_digits(results: dict, path: str | os.PathLike) -> Path:
