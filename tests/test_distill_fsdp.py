@@ -136,3 +136,20 @@ def test_cli_under_torchrun_with_fsdp_exports_files_delta_e_reads(tmp_path):
     assert isinstance(load(tmp_path / "out" / "teacher.safetensors"), GaussianMixtureTeacher)
     ema = load(tmp_path / "out" / "student_ema.safetensors")
     assert type(ema).__name__ == "OneStepStudent" and ema(torch.randn(3, 2)).shape == (3, 2)
+    # ... and `dmdcopy delta-e` under torchrun: each rank maps its share, rank 0 reports the
+    # one-process figures once
+    out = tmp_path / "out"
+    measure = ["delta-e", "--teacher", str(out / "teacher.safetensors"), "--student",
+               str(out / "student_ema.safetensors"), "--seeds", "0-59", "--steps", "6", "--bootstrap", "20",
+               "--no-progress"]
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "dmdcopy", *measure,
+                           "--pairs-cache", str(tmp_path / "pairs"), "--out", str(tmp_path / "two.json")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("report written to") == 1
+    from dmdcopy.cli import main
+
+    assert main([*measure, "--out", str(tmp_path / "one.json")]) == 0
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text())["delta_e"] for n in ("two", "one"))
+    for key in ("delta_e", "ci_low", "ci_high", "bracket_low", "bracket_high"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key

@@ -18,6 +18,10 @@ The measurement is :func:`dmdcopy.delta_e` (teacher pairs from --pairs-cache or 
 student's samples on the same noise, then the metric); the table shows the finite-N Delta E with
 its bootstrap interval, the bracket for the population Delta E with its interval, the energies,
 the resolution, the own-pair rate, N / block size / blocks, the time and every warning.
+
+Under ``torchrun --nproc_per_node=N -m dmdcopy delta-e ...`` the command starts the process group
+from torchrun's variables; rank ``r`` computes its share of the teacher pairs and of the student's
+samples, every rank gets the one-process report, and rank 0 prints and writes it.
 """
 
 from __future__ import annotations
@@ -306,6 +310,13 @@ def _check_writable_file(name: str, flag: str) -> None:
 
 
 def run(args) -> int:
+    from dmdcopy.distill import process_group_from_env
+
+    with process_group_from_env() as info:  # under torchrun: each rank maps its share of the seeds
+        return _measure(args, is_main=info.is_main)
+
+
+def _measure(args, *, is_main: bool) -> int:
     from dmdcopy.measure import delta_e
     from dmdcopy.noise import parse_seeds
 
@@ -331,7 +342,7 @@ def run(args) -> int:
     shape = _sample_shape(teacher, student, args)
     grid = _grid(teacher, args)
 
-    with _StageBars(not args.no_progress) as bars:
+    with _StageBars(is_main and not args.no_progress) as bars:
         report = delta_e(teacher, student, seeds, pairs=args.pairs_cache, sample_shape=shape, sigmas=grid,
                          solver=_solvers()[args.solver], batch=args.batch, device=device,
                          block_size=args.block_size, n_boot=args.bootstrap, transport=args.transport,
@@ -347,6 +358,8 @@ def run(args) -> int:
         "student_sigma": getattr(student, "sigma_max", None), "seeds": args.seeds,
         "solver": args.solver, "rho": args.rho, "device": str(device), "pairs_cache": args.pairs_cache,
     })
+    if not is_main:  # every rank holds the same report; rank 0 prints and writes it
+        return 0 if report.result is not None else 1
     if report.result is None:
         print(f"Delta E  not computed: the student's samples are NaN or inf for {report.n_nonfinite} of "
               f"{len(seeds)} seeds")
