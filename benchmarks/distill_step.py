@@ -29,34 +29,12 @@ import platform
 import statistics
 import time
 
-import profile_step  # this folder: the one training step a profile and a rate both take
+import profile_step  # this folder: the networks and the one training step a profile and a rate take
 import torch
 
 from dmdcopy.distill import DistillConfig, Distiller
 from dmdcopy.losses import dmd_direction, dmd_surrogate_loss, dsm_loss
-from dmdcopy.nets import MLP
-from dmdcopy.precond import EDMPrecond
 from dmdcopy.schedules import dmd_sigma_grid
-from dmdcopy.students import OneStepStudent
-
-
-def make_nets(kind: str, device: torch.device):
-    torch.manual_seed(0)
-    if kind == "mlp":
-        teacher = EDMPrecond(MLP(2, hidden=256, depth=3))
-    elif kind == "imagenet64":
-        from dmdcopy.io.dmd2 import dmd2_imagenet64
-
-        teacher = dmd2_imagenet64()  # EDM's ImageNet-64 ADM as DMD2 distils it (dropout 0)
-    else:
-        from dmdcopy.nets.unet import SongUNet
-
-        teacher = EDMPrecond(SongUNet(16, 3, 3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
-                                      attn_resolutions=(), dropout=0.0), sample_shape=(3, 16, 16))
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    student = OneStepStudent(copy.deepcopy(teacher).requires_grad_(True).train())
-    fake = copy.deepcopy(teacher).requires_grad_(True).train()
-    return teacher, student, fake
 
 
 class ReferenceLoop:
@@ -183,7 +161,7 @@ def main() -> None:
 
     cfg = DistillConfig(batch_size=args.batch, num_steps=10**9, progress_bar=False, log_every=10**8,
                         ema_halflife_steps=100.0)
-    teacher, student, fake = make_nets(args.net, device)
+    teacher, student, fake = profile_step.make_nets(args.net, device)
     ref = ReferenceLoop(teacher, copy.deepcopy(student), copy.deepcopy(fake), cfg, device)
     dist = Distiller(teacher, student, fake_score=fake, config=cfg, device=device)
 

@@ -24,11 +24,9 @@ import argparse
 import contextlib
 import functools
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -128,6 +126,34 @@ def scopes(distiller) -> Iterator[None]:
             delattr(obj, attr)  # back to the class's method
 
 
+def make_nets(kind: str, device: torch.device):
+    """Teacher, student and fake score of the benchmark step (seeded): ``mlp``, ``unet`` (a small
+    SongUNet) or ``imagenet64`` (EDM's ADM as DMD2 distils it)."""
+    import copy
+
+    from dmdcopy.precond import EDMPrecond
+    from dmdcopy.students import OneStepStudent
+
+    torch.manual_seed(0)
+    if kind == "mlp":
+        from dmdcopy.nets import MLP
+
+        teacher = EDMPrecond(MLP(2, hidden=256, depth=3))
+    elif kind == "imagenet64":
+        from dmdcopy.io.dmd2 import dmd2_imagenet64
+
+        teacher = dmd2_imagenet64()  # EDM's ImageNet-64 ADM as DMD2 distils it (dropout 0)
+    else:
+        from dmdcopy.nets.unet import SongUNet
+
+        teacher = EDMPrecond(SongUNet(16, 3, 3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                                      attn_resolutions=(), dropout=0.0), sample_shape=(3, 16, 16))
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    student = OneStepStudent(copy.deepcopy(teacher).requires_grad_(True).train())
+    fake = copy.deepcopy(teacher).requires_grad_(True).train()
+    return teacher, student, fake
+
+
 def distiller_step(distiller) -> None:
     """One training step of ``distiller`` (F fake-score updates, one generator update)."""
     for s in range(distiller.config.fake_score_steps):
@@ -186,9 +212,6 @@ def count_sync_warnings(step: Callable[[], None], device: torch.device) -> int |
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from distill_step import make_nets
-
     from dmdcopy.distill import DistillConfig, Distiller
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
