@@ -13,7 +13,6 @@ matplotlib (the ``plot`` extra) is imported only when a picture is written.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from einops import rearrange
 from dmdcopy._atomic import write_atomic
 from dmdcopy.errors import ConfigError, ShapeError
 
-__all__ = ["image_grid", "plot_run", "read_log", "save_image_grid"]
+__all__ = ["image_grid", "plot_run", "read_log", "save_figure", "save_image_grid"]
 
 _LOSSES = ("generator_loss", "dmd_loss", "fake_score_loss", "dsm_loss", "gan_generator_loss",
            "gan_discriminator_loss", "regression_loss")
@@ -42,6 +41,13 @@ def _pyplot():
     except ImportError:
         raise ConfigError("pictures need matplotlib: pip install 'dmdcopy[plot]'") from None
     return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure atomically, in the format its suffix names (PNG without one): a
+    killed run leaves the previous picture, never half of one."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format=fmt))
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
@@ -106,9 +112,8 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        write_atomic(out / f"{name}.png", functools.partial(fig.savefig, dpi=110, format="png"))
+        written.append(save_figure(fig, out / f"{name}.png"))
         plt.close(fig)
-        written.append(out / f"{name}.png")
     prefixes = sorted({k[: -len("delta_e")] for r in records for k in r if k.endswith("delta_e")})
     if prefixes:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -128,9 +133,8 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        write_atomic(out / "delta_e.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        written.append(save_figure(fig, out / "delta_e.png"))
         plt.close(fig)
-        written.append(out / "delta_e.png")
     return written
 
 

@@ -23,6 +23,7 @@ import torch
 from dmdcopy._atomic import write_atomic
 from dmdcopy._json import json_safe
 from dmdcopy.errors import ConfigError
+from dmdcopy.viz import image_grid, save_figure
 
 __all__ = [
     "format_ablation_table",
@@ -224,13 +225,6 @@ def _curve_mean(curves: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [sum(v) / len(v) for v in vals]
 
 
-def _save_figure(fig, path: str | os.PathLike) -> Path:
-    """Write ``fig`` atomically in the format its suffix names (PNG without one): a killed run
-    leaves the previous picture, never half of one."""
-    fmt = Path(path).suffix.lstrip(".").lower() or "png"
-    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format=fmt))
-
-
 def plot_curves(results: dict, path: str | os.PathLike) -> Path:
     """Delta E over training for a dimension sweep, saved as PNG at ``path``.
 
@@ -276,7 +270,7 @@ def plot_curves(results: dict, path: str | os.PathLike) -> Path:
         ax2.set_yscale("log")
         ax2.set_xlabel("generator steps")
         ax2.set_ylabel("sliced Wasserstein / floor")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _num(v: float | None) -> float:
@@ -376,7 +370,7 @@ def plot_sweep(results: dict, path: str | os.PathLike, *, max_lines: int = 150) 
             ax2.set_aspect("equal", adjustable="datalim")
             ax2.set_title(f"{kind}, d = 2: same noise z")
             ax2.legend(fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _non_finite(rec: dict) -> str:
@@ -456,7 +450,7 @@ def plot_bars(rows: list[tuple[str, float | None, float | None, float | None]], 
     ax.axhline(1, color="grey", lw=0.5, ls=":")
     ax.set_ylabel("Delta E (0 = copies, 1 = random pairing)")
     ax.set_title(title)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _bracket(de: dict) -> tuple[float | None, float | None]:
@@ -481,8 +475,6 @@ def plot_digit_pairs(results: dict, path: str | os.PathLike) -> Path | None:
     """The picture of copying for the digits study: one row per teacher level and student, each
     with the teacher's and the student's images of the same evaluation noises side by side
     (teacher left). ``None`` when the results hold no pictures (written before they were kept)."""
-    from dmdcopy.viz import image_grid
-
     rows = [(f"{name} / {init}", st["pictures"]) for name, rec in results["teachers"].items()
             for init, st in rec["students"].items() if st.get("pictures")]
     if not rows:
@@ -499,7 +491,7 @@ def plot_digit_pairs(results: dict, path: str | os.PathLike) -> Path | None:
         ax.set_axis_off()
     fig.suptitle("teacher (left of each pair) and student from the same noise", fontsize=9)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_digits(results: dict, path: str | os.PathLike) -> Path:
